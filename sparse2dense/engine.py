@@ -1,0 +1,514 @@
+"""The Sparse-to-Dense decoding loop.
+
+Data flows one way: inputs -> adapter -> prefill (dense KV) -> selection (draft KV) -> rounds ->
+sequences and stats. Each round is::
+
+    1. draft   gamma tokens, one sparse forward each (attention over the draft buffer only)
+    2. verify  [last, d_1..d_gamma] in one dense forward (attention over the dense buffer)
+    3. accept  the longest prefix of drafts that matches dense argmax, plus one bonus token
+    4. commit  move each row's dense length; copy the committed tokens' exact K/V into the draft buffer
+
+The output is exactly what greedy dense decoding produces: every emitted token is a dense argmax.
+With ``gamma=0`` the loop is plain dense decoding on the same preallocated buffers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .acceptance import greedy_accept
+from .adapters import Adapter, get_adapter
+from .attention import attention_routed
+from .config import StdConfig
+from .kv import BufferCache, ForwardPlan, KVBuffer, build_mask, use_plan
+from .selection import ScoreQueryCapture, Selection, build_draft_cache, scoring_columns
+
+
+@dataclass
+class StdStats:
+    """Statistics of one generation call (all rows together).
+
+    ``mean_accepted_per_round`` counts committed tokens per row-round, the bonus token included,
+    so plain dense decoding scores 1.0 and a perfect drafter scores ``gamma + 1``.
+    """
+
+    batch_size: int = 0
+    prompt_len: int = 0
+    new_tokens: int = 0  # tokens generated, summed over rows (padding after EOS excluded)
+    rounds: int = 0  # verify passes after prefill
+    drafted: int = 0  # draft tokens proposed, summed over active rows
+    accepted: int = 0  # draft tokens accepted, summed over active rows
+    mean_accepted_per_round: float = 0.0
+    acceptance_rate: float = 0.0
+    per_position_acceptance: list[float] = field(default_factory=list)  # P(d_i accepted | d_i drafted)
+    gamma: int = 0
+    budget: int = 0
+    n_candidates: list[int] = field(default_factory=list)  # droppable prompt tokens per row
+    n_selected: list[int] = field(default_factory=list)  # prompt KV entries the drafter keeps per row
+    dense_cache_mb: float = 0.0
+    draft_cache_mb: float = 0.0
+    time_prefill: float = 0.0
+    time_selection: float = 0.0
+    time_draft: float = 0.0
+    time_verify: float = 0.0
+    time_decode: float = 0.0  # everything after prefill and selection
+    time_total: float = 0.0
+    tokens_per_second: float = 0.0  # new_tokens / time_decode
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StdOutput:
+    """``sequences``: LongTensor ``[B, prompt_len + new]`` laid out like ``model.generate``."""
+
+    sequences: torch.Tensor
+    stats: StdStats
+
+
+def _as_id_list(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.flatten().tolist()]
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+class _Run:
+    """State of one generation call. Created by :func:`generate`; not part of the public API."""
+
+    def __init__(
+        self,
+        model,
+        adapter: Adapter,
+        cfg: StdConfig,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        eos_ids: list[int],
+        pad_id: int,
+        context_mask: torch.Tensor | None,
+        logits_processor,
+        stopping_criteria,
+        streamer,
+        model_inputs: dict,
+        progress: Callable[[str, int, int], None] | None,
+    ):
+        self.model = model
+        self.adapter = adapter
+        self.cfg = cfg
+        self.device = input_ids.device
+        self.input_ids = input_ids
+        self.batch, self.prompt_len = input_ids.shape
+        self.max_new = max_new_tokens
+        self.eos = torch.tensor(eos_ids, dtype=torch.long, device=self.device) if eos_ids else None
+        self.pad_id = pad_id
+        self.processors = logits_processor if logits_processor else None
+        self.stopping = stopping_criteria if stopping_criteria else None
+        self.streamer = streamer
+        self.model_inputs = model_inputs
+        self.progress = progress
+        self.window = adapter.sliding_window
+        self.stats = StdStats(batch_size=self.batch, prompt_len=self.prompt_len, gamma=cfg.gamma, budget=cfg.budget)
+
+        valid = attention_mask.bool()
+        self.valid = valid
+        self.pad = (~valid).sum(dim=1)  # [B] left padding per row
+        if context_mask is not None:
+            self.candidates = context_mask.to(self.device).bool() & valid
+        else:
+            self.candidates = adapter.candidate_mask(input_ids, valid, cfg)
+        self.keep = valid & ~self.candidates
+
+        dtype = next(model.parameters()).dtype
+        capacity = self.prompt_len + max_new_tokens + cfg.gamma + 2
+        self.dense = KVBuffer.empty(
+            adapter.num_layers, self.batch, adapter.num_kv_heads, capacity, adapter.head_dim, dtype, self.device
+        )
+        self.cache = BufferCache(adapter.num_layers)
+        self.selection: Selection | None = None
+
+        # Output tokens: seq[b, :prompt_len + n_gen[b]] is row b's prefix so far.
+        self.seq = torch.full((self.batch, capacity), pad_id, dtype=torch.long, device=self.device)
+        self.seq[:, : self.prompt_len] = input_ids
+        self.n_gen = torch.zeros(self.batch, dtype=torch.long)  # host-side counters
+        self.dense_len = torch.full((self.batch,), self.prompt_len, dtype=torch.long, device=self.device)
+        self.draft_len = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+        self.active = torch.ones(self.batch, dtype=torch.bool)
+        self.last = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+        self.accept_at = [0] * cfg.gamma
+        self.draft_at = [0] * cfg.gamma
+        self.row_rounds = 0  # (row, round) pairs in which the row was still generating
+
+    # ----------------------------------------------------------------------------- forward passes
+    def _forward(self, plan: ForwardPlan, ids: torch.Tensor, positions: torch.Tensor, all_logits: bool, **extra):
+        """Run the model on ``ids`` ``[B, T]`` at text positions ``positions`` ``[B, T]``."""
+        with use_plan(plan):
+            out = self.model(
+                input_ids=ids,
+                position_ids=self.adapter.position_ids(positions),
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=0 if all_logits else 1,
+                **extra,
+            )
+        return out.logits.float()
+
+    def _masks(self, lo, q_cols, span, hole=None, as_bool=False):
+        mask = build_mask(lo, q_cols, span, hole=hole)
+        sliding = None
+        if self.window is not None and self.window < span:
+            sliding = build_mask(lo, q_cols, span, hole=hole, window=self.window)
+        return mask, sliding
+
+    def prefill(self) -> None:
+        """Dense forward over the prompt in chunks; fills the dense buffer and picks the first token."""
+        t0 = time.perf_counter()
+        p, b = self.prompt_len, self.batch
+        capture = None
+        if self.cfg.gamma > 0 and self.cfg.policy == "paper":
+            q_cols = scoring_columns(self.keep, self.cfg.max_score_queries)
+            capture = ScoreQueryCapture(
+                q_cols, self.adapter.num_layers, self.adapter.num_q_heads, self.adapter.head_dim,
+                self.dense.k.dtype, self.device,
+            )
+        self.capture = capture
+        chunk = p if not self.adapter.chunked_prefill else self.cfg.prefill_chunk
+        no_pad = bool((self.pad == 0).all())
+        cols = torch.arange(p, device=self.device)
+        positions = (cols.unsqueeze(0) - self.pad.unsqueeze(1)).clamp(min=0)  # [B, P]
+        logits = None
+        for start in range(0, p, chunk):
+            end = min(p, start + chunk)
+            t = end - start
+            causal = no_pad and start == 0 and (self.window is None or self.window >= end)
+            mask = sliding = None
+            if not causal:
+                q_cols = cols[start:end].unsqueeze(0).expand(b, t)
+                mask, sliding = self._masks(self.pad, q_cols, end)
+            plan = ForwardPlan(
+                buffer=self.dense, write_col=None, write_col_int=start, q_len=t, span=end, mask=mask,
+                mask_sliding=sliding, window=self.window, prefill=True, sdpa_causal=causal, capture=capture,
+            )
+            if capture is not None:
+                capture.begin_chunk(start, t)
+            extra = self.adapter.prefill_kwargs(self.model_inputs) if start == 0 else {}
+            logits = self._forward(plan, self.input_ids[:, start:end], positions[:, start:end], False, **extra)
+            if self.progress is not None:
+                self.progress("prefill", end, p)
+        self.cache.seq_length = p
+        first = self._pick(logits, torch.zeros(b, 0, dtype=torch.long, device=self.device))[:, 0]
+        self.stats.time_prefill = time.perf_counter() - t0
+        self.last = first
+        self._commit(first.unsqueeze(1), torch.ones(b, dtype=torch.long))
+
+    def select(self) -> None:
+        """Build the drafter's compact KV cache from the dense buffer."""
+        t0 = time.perf_counter()
+        scaling = getattr(self.text_attn_module(), "scaling", self.adapter.head_dim**-0.5)
+        self.selection = build_draft_cache(
+            self.dense, self.prompt_len, self.pad, self.candidates, self.keep, self.cfg.budget, self.cfg.policy,
+            self.capture, scaling, extra_capacity=self.max_new + self.cfg.gamma + 2,
+        )
+        self.capture = None
+        self.stats.n_candidates = self.selection.n_candidates.tolist()
+        self.stats.n_selected = self.selection.n_selected.tolist()
+        self.stats.draft_cache_mb = self.selection.buffer.nbytes() / 2**20
+        self.stats.time_selection = time.perf_counter() - t0
+
+    def text_attn_module(self):
+        for module in self.model.modules():
+            if hasattr(module, "scaling") and hasattr(module, "layer_idx"):
+                return module
+        return None
+
+    def _draft(self, g: int) -> torch.Tensor:
+        """Propose ``g`` tokens per row with the sparse drafter. Returns LongTensor ``[B, g]``."""
+        sel = self.selection
+        b = self.batch
+        tok = self.last
+        drafts = []
+        uniform = b == 1
+        for i in range(g):
+            col = sel.base + self.draft_len + i  # [B]
+            span = int(col.max()) + 1
+            if uniform:
+                mask = None
+                write_int = int(col[0])
+            else:
+                mask = build_mask(torch.zeros_like(col), col.unsqueeze(1), span, hole=(sel.n_selected, sel.base))
+                write_int = None
+            plan = ForwardPlan(
+                buffer=sel.buffer, write_col=None if uniform else col, write_col_int=write_int, q_len=1, span=span,
+                mask=mask,
+            )
+            positions = (self.dense_len - self.pad + i).unsqueeze(1)
+            logits = self._forward(plan, tok.unsqueeze(1), positions, False)
+            prefix = torch.stack(drafts, dim=1) if drafts else tok.new_zeros(b, 0)
+            tok = self._pick(logits, prefix, draft_offset=True)[:, 0]
+            drafts.append(tok)
+        return torch.stack(drafts, dim=1) if drafts else tok.new_zeros(b, 0)
+
+    def _verify(self, drafts: torch.Tensor) -> torch.Tensor:
+        """Dense pass over ``[last, d_1..d_g]``; returns dense choices ``[B, g + 1]``."""
+        b, g = drafts.shape
+        t = g + 1
+        block = torch.cat([self.last.unsqueeze(1), drafts], dim=1)
+        col = self.dense_len  # [B]
+        q_cols = col.unsqueeze(1) + torch.arange(t, device=self.device)
+        span = int(col.max()) + t
+        uniform = b == 1 or bool((col == col[0]).all())
+        no_pad = bool((self.pad == 0).all())
+        if uniform and no_pad and t == 1 and (self.window is None or self.window >= span):
+            mask = sliding = None
+        else:
+            mask, sliding = self._masks(self.pad, q_cols, span)
+        plan = ForwardPlan(
+            buffer=self.dense, write_col=None if uniform else col, write_col_int=int(col[0]) if uniform else None,
+            q_len=t, span=span, mask=mask, mask_sliding=sliding, window=self.window,
+        )
+        positions = q_cols - self.pad.unsqueeze(1)
+        logits = self._forward(plan, block, positions, True)
+        return self._pick(logits, drafts)
+
+    # ----------------------------------------------------------------------------- token choice
+    def _pick(self, logits: torch.Tensor, drafts: torch.Tensor, draft_offset: bool = False) -> torch.Tensor:
+        """Greedy choice at each of the ``T`` positions of ``logits`` ``[B, T, V]``.
+
+        With logits processors, position ``i`` of row ``b`` is processed with the prefix dense
+        decoding would have there: the committed tokens, then ``drafts[b, :i]`` (for a draft step,
+        all of ``drafts``).
+        """
+        if self.processors is None:
+            return logits.argmax(dim=-1)
+        b, t, _ = logits.shape
+        out = torch.empty(b, t, dtype=torch.long, device=logits.device)
+        for row in range(b):
+            committed = self.seq[row : row + 1, : self.prompt_len + int(self.n_gen[row])]
+            for i in range(t):
+                extra = drafts[row : row + 1] if draft_offset else drafts[row : row + 1, :i]
+                prefix = torch.cat([committed, extra], dim=1)
+                scores = self.processors(prefix, logits[row : row + 1, i].clone())
+                out[row, i] = scores.argmax(dim=-1)[0]
+        return out
+
+    # ----------------------------------------------------------------------------- commit
+    def _commit(self, block: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """Append ``block[b, :count[b]]`` to each active row, honouring EOS, length and stop criteria.
+
+        Returns the number of tokens actually appended per row (host LongTensor ``[B]``).
+        """
+        block_host = block.cpu()
+        appended = torch.zeros(self.batch, dtype=torch.long)
+        for row in range(self.batch):
+            if not self.active[row]:
+                continue
+            n = min(int(count[row]), self.max_new - int(self.n_gen[row]))
+            tokens = block_host[row, :n].tolist()
+            stop = False
+            kept = []
+            for tok in tokens:
+                kept.append(tok)
+                if self.eos is not None and tok in self._eos_set:
+                    stop = True
+                elif self.stopping is not None:
+                    start = self.prompt_len + int(self.n_gen[row])
+                    self.seq[row, start : start + len(kept)] = torch.tensor(kept, device=self.device)
+                    prefix = self.seq[row : row + 1, : start + len(kept)]
+                    if bool(self.stopping(prefix, None).any()):
+                        stop = True
+                if stop:
+                    break
+            start = self.prompt_len + int(self.n_gen[row])
+            if kept:
+                self.seq[row, start : start + len(kept)] = torch.tensor(kept, device=self.device)
+            self.n_gen[row] += len(kept)
+            appended[row] = len(kept)
+            if stop or int(self.n_gen[row]) >= self.max_new:
+                self.active[row] = False
+        if self.streamer is not None and self.batch == 1 and appended[0] > 0:
+            self.streamer.put(block_host[0, : int(appended[0])])
+        return appended
+
+    @property
+    def _eos_set(self) -> set[int]:
+        if not hasattr(self, "_eos_cache"):
+            self._eos_cache = set(self.eos.tolist()) if self.eos is not None else set()
+        return self._eos_cache
+
+    # ----------------------------------------------------------------------------- the loop
+    def decode(self) -> None:
+        t_start = time.perf_counter()
+        gamma = self.cfg.gamma if self.selection is not None else 0
+        while bool(self.active.any()):
+            room = int((self.max_new - self.n_gen)[self.active].max())
+            g = max(0, min(gamma, room - 1))  # drafts beyond the last allowed token are wasted
+            # 1. draft
+            t0 = time.perf_counter()
+            drafts = self._draft(g) if g > 0 else self.last.new_zeros(self.batch, 0)
+            t1 = time.perf_counter()
+            # 2. verify
+            target = self._verify(drafts)
+            t2 = time.perf_counter()
+            # 3. accept
+            n_acc, bonus = greedy_accept(drafts, target)
+            # 4. commit: the committed block is d_1..d_n then the bonus token
+            block = torch.cat([drafts, bonus.unsqueeze(1)], dim=1)
+            block.scatter_(1, n_acc.unsqueeze(1), bonus.unsqueeze(1))
+            was_active = self.active.clone()
+            self._commit(block, n_acc.cpu() + 1)
+            self._advance(n_acc, bonus, was_active, g)
+            self.stats.rounds += 1
+            n_active = int(was_active.sum())
+            self.row_rounds += n_active
+            self.stats.drafted += g * n_active
+            n_acc_host = n_acc.cpu()
+            self.stats.accepted += int(n_acc_host[was_active].sum())
+            for i in range(g):
+                self.draft_at[i] += n_active
+                self.accept_at[i] += int((n_acc_host[was_active] > i).sum())
+            self.stats.time_draft += t1 - t0
+            self.stats.time_verify += t2 - t1
+        self.stats.time_decode = time.perf_counter() - t_start
+
+    def _advance(self, n_acc: torch.Tensor, bonus: torch.Tensor, was_active: torch.Tensor, g: int) -> None:
+        """Move the committed lengths and refresh the drafter's view of the committed tokens."""
+        live = was_active.to(self.device)
+        step = torch.where(live, n_acc + 1, torch.zeros_like(n_acc))
+        old_dense = self.dense_len.clone()
+        self.dense_len += step
+        self.last = torch.where(live, bonus, self.last)
+        if self.selection is not None:
+            # Copy the verify pass's exact K/V for [last, d_1..d_g] into the draft buffer; only the
+            # first n_acc + 1 of them count (draft_len), the rest are overwritten later.
+            sel = self.selection
+            t = g + 1
+            rows = torch.arange(self.batch, device=self.device).unsqueeze(1)
+            src = old_dense.unsqueeze(1) + torch.arange(t, device=self.device)
+            dst = sel.base + self.draft_len.unsqueeze(1) + torch.arange(t, device=self.device)
+            sel.buffer.k[:, rows, :, dst] = self.dense.k[:, rows, :, src]
+            sel.buffer.v[:, rows, :, dst] = self.dense.v[:, rows, :, src]
+            self.draft_len += step
+        self.cache.seq_length = int(self.dense_len.max())
+
+    def output(self) -> StdOutput:
+        new = int(self.n_gen.max())
+        sequences = self.seq[:, : self.prompt_len + new].clone()
+        s = self.stats
+        s.new_tokens = int(self.n_gen.sum())
+        s.mean_accepted_per_round = (s.accepted + self.row_rounds) / self.row_rounds if self.row_rounds else 1.0
+        s.acceptance_rate = s.accepted / s.drafted if s.drafted else 0.0
+        s.per_position_acceptance = [a / d if d else 0.0 for a, d in zip(self.accept_at, self.draft_at)]
+        s.dense_cache_mb = self.dense.nbytes() / 2**20
+        s.tokens_per_second = s.new_tokens / s.time_decode if s.time_decode > 0 else 0.0
+        return StdOutput(sequences, s)
+
+
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    budget: int = 1024,
+    gamma: int = 9,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    context_mask: torch.Tensor | None = None,
+    config: StdConfig | None = None,
+    logits_processor=None,
+    stopping_criteria=None,
+    streamer=None,
+    progress: Callable[[str, int, int], None] | None = None,
+    **model_inputs,
+) -> StdOutput:
+    """Greedy Sparse-to-Dense decoding: the tokens of dense greedy decoding, produced faster.
+
+    Args:
+        model: a transformers causal LM (see :func:`sparse2dense.supported_models`).
+        input_ids: LongTensor ``[B, P]``, left-padded when rows differ in length.
+        attention_mask: ``[B, P]`` with 0 on left padding (default: all ones).
+        max_new_tokens: tokens to generate per row (at least 1).
+        budget: prompt KV entries per layer and KV head that the drafter reads.
+        gamma: draft tokens per round; 0 runs plain dense decoding on the same fast buffers.
+        eos_token_id: token id(s) that end a row (default: the model's generation config).
+        pad_token_id: fills rows that ended early (default: the model's, else the first EOS, else 0).
+        context_mask: bool ``[B, P]``: prompt tokens the drafter may drop (default: the adapter's choice).
+        config: a full :class:`StdConfig`; overrides ``budget`` and ``gamma`` when given.
+        logits_processor, stopping_criteria, streamer: as in ``model.generate``.
+        progress: optional callback ``(phase, done, total)`` for progress display.
+        **model_inputs: extra model inputs (vision tensors for Video-LLMs).
+
+    Returns:
+        :class:`StdOutput` with ``.sequences`` ``[B, P + new]`` and ``.stats``.
+    """
+    t_total = time.perf_counter()
+    cfg = config if config is not None else StdConfig(budget=budget, gamma=gamma)
+    adapter = get_adapter(model)
+    input_ids, attention_mask = _check_inputs(input_ids, attention_mask, max_new_tokens, adapter)
+    gen_cfg = getattr(model, "generation_config", None)
+    if eos_token_id is None and gen_cfg is not None:
+        eos_token_id = gen_cfg.eos_token_id
+    eos_ids = _as_id_list(eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = getattr(gen_cfg, "pad_token_id", None) if gen_cfg is not None else None
+    if pad_token_id is None:
+        pad_token_id = eos_ids[0] if eos_ids else 0
+    if context_mask is not None and tuple(context_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"context_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(context_mask.shape)}."
+        )
+    run = _Run(
+        model, adapter, cfg, input_ids, attention_mask, max_new_tokens, eos_ids, int(pad_token_id), context_mask,
+        logits_processor, stopping_criteria, streamer, model_inputs, progress,
+    )
+    with torch.inference_mode(), attention_routed(model):
+        run.prefill()
+        if cfg.gamma > 0 and bool(run.active.any()):
+            run.select()
+        run.decode()
+    if streamer is not None:
+        streamer.end()
+    out = run.output()
+    out.stats.time_total = time.perf_counter() - t_total
+    return out
+
+
+def _check_inputs(input_ids, attention_mask, max_new_tokens, adapter: Adapter):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise ValueError("input_ids must be an integer tensor of shape [batch, prompt_len].")
+    if input_ids.ndim == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids must have shape [batch, prompt_len] with both > 0, got {tuple(input_ids.shape)}.")
+    input_ids = input_ids.long()
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}.")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    else:
+        if attention_mask.ndim == 1:
+            attention_mask = attention_mask.unsqueeze(0)
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}."
+            )
+        attention_mask = attention_mask.to(input_ids.device).long()
+        if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+            raise ValueError("batched prompts must be left-padded (tokenizer padding_side='left').")
+        if bool((attention_mask.sum(dim=1) == 0).any()):
+            raise ValueError("every row needs at least one non-padding token.")
+    limit = adapter.max_positions
+    longest = int(attention_mask.sum(dim=1).max())
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context of {limit} tokens."
+        )
+    return input_ids, attention_mask

@@ -1,0 +1,92 @@
+"""The ``model.generate(..., custom_generate=sparse2dense.custom_generate)`` entry point.
+
+transformers 5.x prepares the inputs, logits processors and stopping criteria as for any decoding
+method, then calls this function instead of its own loop. Extra keyword arguments named in this
+function's signature (``budget``, ``gamma``, ``std_config``, ``context_mask``) are passed through
+from ``model.generate``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .config import StdConfig
+from .engine import generate
+
+# model_kwargs that generate() prepares for its own loop and that sparse2dense replaces.
+_PREPARED_BY_GENERATE = ("past_key_values", "position_ids", "logits_to_keep", "use_cache", "cache_position")
+
+
+def custom_generate(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor=None,
+    stopping_criteria=None,
+    generation_config=None,
+    synced_gpus: bool = False,
+    streamer=None,
+    budget: int = 1024,
+    gamma: int = 9,
+    std_config: StdConfig | None = None,
+    context_mask: torch.Tensor | None = None,
+    **model_kwargs,
+):
+    """Greedy Sparse-to-Dense decoding behind ``model.generate``.
+
+    Returns what ``model.generate`` returns for greedy decoding: the sequences tensor, or, with
+    ``return_dict_in_generate=True``, a ``GenerateDecoderOnlyOutput`` whose ``std_stats`` attribute
+    holds the :class:`~sparse2dense.StdStats` of the call.
+    """
+    gc = generation_config if generation_config is not None else model.generation_config
+    if gc.do_sample:
+        raise ValueError("sparse2dense.custom_generate supports greedy decoding only; pass do_sample=False.")
+    if (gc.num_beams or 1) > 1:
+        raise ValueError("sparse2dense.custom_generate does not support beam search; use num_beams=1.")
+    if gc.output_scores or gc.output_logits or gc.output_attentions or gc.output_hidden_states:
+        raise ValueError(
+            "sparse2dense.custom_generate does not return scores, logits, attentions or hidden states."
+        )
+    if synced_gpus:
+        raise ValueError("sparse2dense.custom_generate does not support synced_gpus.")
+    max_new_tokens = int(gc.max_length) - input_ids.shape[1]
+    if max_new_tokens < 1:
+        raise ValueError(
+            f"max_length={gc.max_length} leaves no room for new tokens after a {input_ids.shape[1]}-token prompt."
+        )
+    for key in _PREPARED_BY_GENERATE:
+        model_kwargs.pop(key, None)
+    attention_mask = model_kwargs.pop("attention_mask", None)
+
+    criteria = None
+    if stopping_criteria:
+        rest = [c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
+        criteria = StoppingCriteriaList(rest) if rest else None
+
+    eos = getattr(gc, "_eos_token_tensor", None)
+    if eos is None:
+        eos = gc.eos_token_id
+    pad = getattr(gc, "_pad_token_tensor", None)
+    pad = int(pad) if pad is not None else gc.pad_token_id
+
+    config = std_config if std_config is not None else StdConfig(budget=budget, gamma=gamma)
+    out = generate(
+        model,
+        input_ids,
+        attention_mask,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        context_mask=context_mask,
+        config=config,
+        logits_processor=logits_processor if logits_processor else None,
+        stopping_criteria=criteria,
+        streamer=streamer,
+        **model_kwargs,
+    )
+    if gc.return_dict_in_generate:
+        result = GenerateDecoderOnlyOutput(sequences=out.sequences)
+        result.std_stats = out.stats
+        return result
+    return out.sequences
