@@ -344,9 +344,33 @@ class _Run:
         return self._eos_cache
 
     # ----------------------------------------------------------------------------- the loop
-    def decode(self) -> None:
+    def snapshot(self) -> dict:
+        """State right after prefill; :meth:`restore` rewinds to it (the prompt's K/V are never
+        overwritten by decoding, so a second decode from the same prefill is exact)."""
+        return {
+            "seq": self.seq.clone(), "n_gen": self.n_gen.clone(), "dense_len": self.dense_len.clone(),
+            "draft_len": self.draft_len.clone(), "active": self.active.clone(), "last": self.last.clone(),
+        }
+
+    def restore(self, snap: dict) -> None:
+        for key, value in snap.items():
+            getattr(self, key).copy_(value)
+        self.cache.seq_length = self.prompt_len
+        self.accept_at = [0] * self.cfg.gamma
+        self.draft_at = [0] * self.cfg.gamma
+        self.row_rounds = 0
+        kept = {k: getattr(self.stats, k) for k in ("time_prefill", "time_selection", "n_candidates", "n_selected",
+                                                      "draft_cache_mb")}
+        self.stats = StdStats(batch_size=self.batch, prompt_len=self.prompt_len, gamma=self.cfg.gamma,
+                              budget=self.cfg.budget, **kept)
+
+    def decode(self, gamma: int | None = None) -> None:
+        """Run rounds until every row is done. ``gamma=0`` decodes densely (one token per pass)."""
         t_start = time.perf_counter()
-        gamma = self.cfg.gamma if self.selection is not None else 0
+        gamma = self.cfg.gamma if gamma is None else gamma
+        if self.selection is None:
+            gamma = 0
+        self.stats.gamma = gamma
         while bool(self.active.any()):
             room = int((self.max_new - self.n_gen)[self.active].max())
             g = max(0, min(gamma, room - 1))  # drafts beyond the last allowed token are wasted
@@ -405,7 +429,7 @@ class _Run:
         s.new_tokens = int(self.n_gen.sum())
         s.mean_accepted_per_round = (s.accepted + self.row_rounds) / self.row_rounds if self.row_rounds else 1.0
         s.acceptance_rate = s.accepted / s.drafted if s.drafted else 0.0
-        s.per_position_acceptance = [a / d if d else 0.0 for a, d in zip(self.accept_at, self.draft_at)]
+        s.per_position_acceptance = [a / d if d else 0.0 for a, d in zip(self.accept_at[: s.gamma], self.draft_at[: s.gamma])]
         s.dense_cache_mb = self.dense.nbytes() / 2**20
         s.tokens_per_second = s.new_tokens / s.time_decode if s.time_decode > 0 else 0.0
         return StdOutput(sequences, s)
