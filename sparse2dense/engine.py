@@ -139,6 +139,13 @@ class _Run:
         self.seq = torch.full((self.batch, capacity), pad_id, dtype=torch.long, device=self.device)
         self.seq[:, : self.prompt_len] = input_ids
         self.n_gen = torch.zeros(self.batch, dtype=torch.long)  # host-side counters
+        # transformers pads rows that finished early only when an EOS id is configured; without one,
+        # a row stopped by a stopping criterion keeps generating until every row has stopped.
+        self.pad_finished = bool(eos_ids)
+        self.finished = torch.zeros(self.batch, dtype=torch.bool)  # generate()'s "unfinished == 0"
+        self.finish_len = torch.zeros(self.batch, dtype=torch.long)
+        self.row_limit = torch.full((self.batch,), max_new_tokens, dtype=torch.long)
+        self.committed = 0  # tokens committed by decode rounds (bonus tokens included)
         self.dense_len = torch.full((self.batch,), self.prompt_len, dtype=torch.long, device=self.device)
         self.draft_len = torch.zeros(self.batch, dtype=torch.long, device=self.device)
         self.active = torch.ones(self.batch, dtype=torch.bool)
@@ -245,9 +252,10 @@ class _Run:
             else:
                 mask = build_mask(torch.zeros_like(col), col.unsqueeze(1), span, hole=(sel.n_selected, sel.base))
                 write_int = None
+            # The drafter ignores sliding windows (its columns are not positions); it only proposes.
             plan = ForwardPlan(
                 buffer=sel.buffer, write_col=None if uniform else col, write_col_int=write_int, q_len=1, span=span,
-                mask=mask,
+                mask=mask, window=self.window,
             )
             positions = (self.dense_len - self.pad + i).unsqueeze(1)
             logits = self._forward(plan, tok.unsqueeze(1), positions, False)
@@ -284,19 +292,26 @@ class _Run:
 
         With logits processors, position ``i`` of row ``b`` is processed with the prefix dense
         decoding would have there: the committed tokens, then ``drafts[b, :i]`` (for a draft step,
-        all of ``drafts``).
+        all of ``drafts``). Processors see the whole batch, as in ``generate``; rows whose prefixes
+        have the same length share one call.
         """
         if self.processors is None:
             return logits.argmax(dim=-1)
         b, t, _ = logits.shape
-        out = torch.empty(b, t, dtype=torch.long, device=logits.device)
-        for row in range(b):
-            committed = self.seq[row : row + 1, : self.prompt_len + int(self.n_gen[row])]
-            for i in range(t):
-                extra = drafts[row : row + 1] if draft_offset else drafts[row : row + 1, :i]
-                prefix = torch.cat([committed, extra], dim=1)
-                scores = self.processors(prefix, logits[row : row + 1, i].clone())
-                out[row, i] = scores.argmax(dim=-1)[0]
+        k = drafts.shape[1]
+        base = self.prompt_len + self.n_gen  # [B] host
+        ext = self.seq.clone()
+        if k:
+            cols = base.to(self.device).unsqueeze(1) + torch.arange(k, device=self.device)
+            ext.scatter_(1, cols, drafts)
+        out = logits.argmax(dim=-1)
+        live = self.active
+        for i in range(t):
+            lens = base + (k if draft_offset else i)
+            for length in sorted(set(lens[live].tolist())):
+                rows = (lens == length) & live
+                scores = self.processors(ext[:, :length], logits[:, i].clone())
+                out[rows.to(self.device), i] = scores[rows.to(self.device)].argmax(dim=-1)
         return out
 
     # ----------------------------------------------------------------------------- commit
@@ -310,30 +325,34 @@ class _Run:
         for row in range(self.batch):
             if not self.active[row]:
                 continue
-            n = min(int(count[row]), self.max_new - int(self.n_gen[row]))
-            tokens = block_host[row, :n].tolist()
-            stop = False
-            kept = []
-            for tok in tokens:
-                kept.append(tok)
-                if self.eos is not None and tok in self._eos_set:
-                    stop = True
-                elif self.stopping is not None:
-                    start = self.prompt_len + int(self.n_gen[row])
-                    self.seq[row, start : start + len(kept)] = torch.tensor(kept, device=self.device)
-                    prefix = self.seq[row : row + 1, : start + len(kept)]
-                    if bool(self.stopping(prefix, None).any()):
-                        stop = True
-                if stop:
-                    break
             start = self.prompt_len + int(self.n_gen[row])
-            if kept:
-                self.seq[row, start : start + len(kept)] = torch.tensor(kept, device=self.device)
-            self.n_gen[row] += len(kept)
-            appended[row] = len(kept)
-            if stop or int(self.n_gen[row]) >= self.max_new:
+            n = min(int(count[row]), int(self.row_limit[row] - self.n_gen[row]))
+            tokens = block_host[row, :n].tolist()
+            self.seq[row, start : start + n] = block[row, :n]
+            kept = 0
+            for tok in tokens:
+                kept += 1
+                if self.finished[row]:
+                    continue  # finished without padding: keeps generating real tokens
+                hit_eos = bool(self._eos_set) and tok in self._eos_set
+                hit_stop = (not hit_eos and self.stopping is not None
+                            and bool(self.stopping(self.seq[row : row + 1, : start + kept], None).any()))
+                if hit_eos or hit_stop:
+                    self.finished[row] = True
+                    self.finish_len[row] = int(self.n_gen[row]) + kept
+                    if hit_eos or self.pad_finished:
+                        self.active[row] = False
+                        break
+            if kept < n:
+                self.seq[row, start + kept : start + n] = self.pad_id
+            self.n_gen[row] += kept
+            appended[row] = kept
+            if int(self.n_gen[row]) >= int(self.row_limit[row]):
                 self.active[row] = False
-        if self.streamer is not None and self.batch == 1 and appended[0] > 0:
+                if not self.finished[row]:
+                    self.finished[row] = True
+                    self.finish_len[row] = int(self.n_gen[row])
+        if self.streamer is not None and appended[0] > 0:
             self.streamer.put(block_host[0, : int(appended[0])])
         return appended
 
@@ -350,6 +369,8 @@ class _Run:
         return {
             "seq": self.seq.clone(), "n_gen": self.n_gen.clone(), "dense_len": self.dense_len.clone(),
             "draft_len": self.draft_len.clone(), "active": self.active.clone(), "last": self.last.clone(),
+            "finished": self.finished.clone(), "finish_len": self.finish_len.clone(),
+            "row_limit": self.row_limit.clone(),
         }
 
     def restore(self, snap: dict) -> None:
@@ -359,6 +380,7 @@ class _Run:
         self.accept_at = [0] * self.cfg.gamma
         self.draft_at = [0] * self.cfg.gamma
         self.row_rounds = 0
+        self.committed = 0
         kept = {k: getattr(self.stats, k) for k in ("time_prefill", "time_selection", "n_candidates", "n_selected",
                                                       "draft_cache_mb")}
         self.stats = StdStats(batch_size=self.batch, prompt_len=self.prompt_len, gamma=self.cfg.gamma,
@@ -371,8 +393,20 @@ class _Run:
         if self.selection is None:
             gamma = 0
         self.stats.gamma = gamma
-        while bool(self.active.any()):
-            room = int((self.max_new - self.n_gen)[self.active].max())
+        self._rounds(gamma)
+        if not self.pad_finished and bool(self.active.any()):
+            # generate() stops when its last row stops; rows that stopped earlier without padding
+            # continue to that same length.
+            final = int(self.finish_len.max())
+            self.row_limit.fill_(final)
+            self.active &= self.n_gen < final
+            self._rounds(gamma, until_all_done=True)
+        self.stats.time_decode = time.perf_counter() - t_start
+
+    def _rounds(self, gamma: int, until_all_done: bool = False) -> None:
+        """Draft -> verify -> accept -> commit until every row has finished."""
+        while bool((self.active if until_all_done else self.active & ~self.finished).any()):
+            room = int((self.row_limit - self.n_gen)[self.active].max())
             g = max(0, min(gamma, room - 1))  # drafts beyond the last allowed token are wasted
             # 1. draft
             t0 = time.perf_counter()
@@ -387,24 +421,29 @@ class _Run:
             block = torch.cat([drafts, bonus.unsqueeze(1)], dim=1)
             block.scatter_(1, n_acc.unsqueeze(1), bonus.unsqueeze(1))
             was_active = self.active.clone()
-            self._commit(block, n_acc.cpu() + 1)
-            self._advance(n_acc, bonus, was_active, g)
-            self.stats.rounds += 1
+            appended = self._commit(block, n_acc.cpu() + 1)
+            self._advance(n_acc, bonus, g)
+            # statistics: verification outcomes per position, committed tokens per row-round
+            n_acc_host = n_acc.cpu()[was_active]
             n_active = int(was_active.sum())
+            self.stats.rounds += 1
             self.row_rounds += n_active
             self.stats.drafted += g * n_active
-            n_acc_host = n_acc.cpu()
-            self.stats.accepted += int(n_acc_host[was_active].sum())
+            self.stats.accepted += int(torch.minimum(n_acc_host, appended[was_active]).sum())
+            self.committed += int(appended.sum())
             for i in range(g):
                 self.draft_at[i] += n_active
-                self.accept_at[i] += int((n_acc_host[was_active] > i).sum())
+                self.accept_at[i] += int((n_acc_host > i).sum())
             self.stats.time_draft += t1 - t0
             self.stats.time_verify += t2 - t1
-        self.stats.time_decode = time.perf_counter() - t_start
 
-    def _advance(self, n_acc: torch.Tensor, bonus: torch.Tensor, was_active: torch.Tensor, g: int) -> None:
-        """Move the committed lengths and refresh the drafter's view of the committed tokens."""
-        live = was_active.to(self.device)
+    def _advance(self, n_acc: torch.Tensor, bonus: torch.Tensor, g: int) -> None:
+        """Move the committed lengths and refresh the drafter's view of the committed tokens.
+
+        Rows still generating committed ``n_acc + 1`` tokens; rows that just stopped keep their
+        lengths (their buffers are no longer read).
+        """
+        live = self.active.to(self.device)
         step = torch.where(live, n_acc + 1, torch.zeros_like(n_acc))
         old_dense = self.dense_len.clone()
         self.dense_len += step
@@ -423,11 +462,11 @@ class _Run:
         self.cache.seq_length = int(self.dense_len.max())
 
     def output(self) -> StdOutput:
-        new = int(self.n_gen.max())
+        new = int(self.finish_len.max()) if bool(self.finished.all()) else int(self.n_gen.max())
         sequences = self.seq[:, : self.prompt_len + new].clone()
         s = self.stats
-        s.new_tokens = int(self.n_gen.sum())
-        s.mean_accepted_per_round = (s.accepted + self.row_rounds) / self.row_rounds if self.row_rounds else 1.0
+        s.new_tokens = int(self.n_gen.clamp(max=new).sum())
+        s.mean_accepted_per_round = self.committed / self.row_rounds if self.row_rounds else 1.0
         s.acceptance_rate = s.accepted / s.drafted if s.drafted else 0.0
         s.per_position_acceptance = [a / d if d else 0.0 for a, d in zip(self.accept_at[: s.gamma], self.draft_at[: s.gamma])]
         s.dense_cache_mb = self.dense.nbytes() / 2**20
@@ -451,6 +490,7 @@ def generate(
     stopping_criteria=None,
     streamer=None,
     progress: Callable[[str, int, int], None] | None = None,
+    stream_prompt: bool = True,
     **model_inputs,
 ) -> StdOutput:
     """Greedy Sparse-to-Dense decoding: the tokens of dense greedy decoding, produced faster.
@@ -468,6 +508,7 @@ def generate(
         config: a full :class:`StdConfig`; overrides ``budget`` and ``gamma`` when given.
         logits_processor, stopping_criteria, streamer: as in ``model.generate``.
         progress: optional callback ``(phase, done, total)`` for progress display.
+        stream_prompt: put the prompt to ``streamer`` first, as ``model.generate`` does.
         **model_inputs: extra model inputs (vision tensors for Video-LLMs).
 
     Returns:
@@ -489,6 +530,11 @@ def generate(
         raise ValueError(
             f"context_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(context_mask.shape)}."
         )
+    if streamer is not None:
+        if input_ids.shape[0] != 1:
+            raise ValueError("streaming supports batch size 1 only, like transformers' streamers.")
+        if stream_prompt:
+            streamer.put(input_ids.cpu())
     run = _Run(
         model, adapter, cfg, input_ids, attention_mask, max_new_tokens, eos_ids, int(pad_token_id), context_mask,
         logits_processor, stopping_criteria, streamer, model_inputs, progress,

@@ -8,12 +8,36 @@ from ``model.generate``.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .config import StdConfig
 from .engine import generate
+
+def _streamer_from_generate_call(model):
+    """The ``streamer`` given to the ``model.generate`` call that is running this function.
+
+    transformers 5.23 puts the prompt to the streamer and then passes a callable
+    ``custom_generate`` only the keyword arguments that its own loop does not take, which drops
+    ``streamer``. Reading it from that ``generate`` frame keeps ``streamer=`` working as users
+    expect. Returns None when there is no such frame or no streamer.
+    """
+    frame = inspect.currentframe()
+    try:
+        frame = frame.f_back if frame is not None else None
+        for _ in range(8):
+            if frame is None:
+                return None
+            if frame.f_code.co_name == "generate" and frame.f_locals.get("self") is model:
+                return frame.f_locals.get("streamer")
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
 
 # model_kwargs that generate() prepares for its own loop and that sparse2dense replaces.
 _PREPARED_BY_GENERATE = ("past_key_values", "position_ids", "logits_to_keep", "use_cache", "cache_position")
@@ -70,6 +94,8 @@ def custom_generate(
     pad = getattr(gc, "_pad_token_tensor", None)
     pad = int(pad) if pad is not None else gc.pad_token_id
 
+    if streamer is None:
+        streamer = _streamer_from_generate_call(model)
     config = std_config if std_config is not None else StdConfig(budget=budget, gamma=gamma)
     out = generate(
         model,
@@ -83,6 +109,7 @@ def custom_generate(
         logits_processor=logits_processor if logits_processor else None,
         stopping_criteria=criteria,
         streamer=streamer,
+        stream_prompt=False,  # generate() has already put the prompt
         **model_kwargs,
     )
     if gc.return_dict_in_generate:
