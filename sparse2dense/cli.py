@@ -20,30 +20,27 @@ class UserError(Exception):
     """A problem with the user's input; printed as one line, no traceback."""
 
 
-def _positive(name):
+def _int_at_least(name: str, low: int):
+    """argparse type: an integer ``>= low``, with an error message that names the option."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{name} must be at least {low}, got {value}")
         return value
 
     return parse
 
 
-def _non_negative(name):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {value}")
-        return value
+def _positive(name: str):
+    return _int_at_least(name, 1)
 
-    return parse
+
+def _non_negative(name: str):
+    return _int_at_least(name, 0)
 
 
 def _batch_list(text: str) -> list[int]:
