@@ -77,6 +77,17 @@ class ForwardPlan:
     sdpa_causal: bool = False
     capture: object | None = None
     _write_idx: tuple | None = field(default=None)
+    _tail: object = field(default=None)  # batch-1 causal tail of ``mask`` (False: not applicable)
+
+    def causal_tail(self) -> torch.Tensor | None:
+        """At batch 1: the mask's last ``T`` columns ``[T, T]`` when every earlier column is open."""
+        if self._tail is None:
+            self._tail = False
+            if self.mask is not None and self.mask.shape[0] == 1 and self.span > self.q_len:
+                m = self.mask[0, 0, 0]
+                if bool(torch.isfinite(m[:, : self.span - self.q_len]).all()):
+                    self._tail = m[:, self.span - self.q_len :]
+        return None if self._tail is False else self._tail
 
     def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``key``/``value`` ``[B, Hkv, T, D]`` and return the readable span ``[B, Hkv, span, D]``."""
