@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from .acceptance import greedy_accept
+from .acceptance import greedy_accept, speculative_sample
 from .adapters import Adapter, get_adapter
 from .attention import attention_routed
 from .config import StdConfig
@@ -100,6 +100,8 @@ class _Run:
         streamer,
         model_inputs: dict,
         progress: Callable[[str, int, int], None] | None,
+        do_sample: bool = False,
+        generator: torch.Generator | None = None,
     ):
         self.model = model
         self.adapter = adapter
@@ -115,6 +117,8 @@ class _Run:
         self.streamer = streamer
         self.model_inputs = model_inputs
         self.progress = progress
+        self.do_sample = do_sample
+        self.generator = generator
         self.window = adapter.sliding_window
         self.stats = StdStats(batch_size=self.batch, prompt_len=self.prompt_len, gamma=cfg.gamma, budget=cfg.budget)
 
@@ -211,7 +215,8 @@ class _Run:
             if self.progress is not None:
                 self.progress("prefill", end, p)
         self.cache.seq_length = p
-        first = self._pick(logits, torch.zeros(b, 0, dtype=torch.long, device=self.device))[:, 0]
+        scores = self._process(logits, torch.zeros(b, 0, dtype=torch.long, device=self.device))[:, 0]
+        first = self._choose(scores)
         self.stats.time_prefill = time.perf_counter() - t0
         self.last = first
         self._commit(first.unsqueeze(1), torch.ones(b, dtype=torch.long))
@@ -236,12 +241,17 @@ class _Run:
                 return module
         return None
 
-    def _draft(self, g: int) -> torch.Tensor:
-        """Propose ``g`` tokens per row with the sparse drafter. Returns LongTensor ``[B, g]``."""
+    def _draft(self, g: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Propose ``g`` tokens per row with the sparse drafter.
+
+        Returns ``(drafts [B, g], q)``: when sampling, ``q`` ``[B, g, V]`` holds the distributions the
+        drafts were drawn from; for greedy decoding it is None.
+        """
         sel = self.selection
         b = self.batch
         tok = self.last
-        drafts = []
+        drafts: list[torch.Tensor] = []
+        q: list[torch.Tensor] = []
         uniform = b == 1
         for i in range(g):
             col = sel.base + self.draft_len + i  # [B]
@@ -260,12 +270,23 @@ class _Run:
             positions = (self.dense_len - self.pad + i).unsqueeze(1)
             logits = self._forward(plan, tok.unsqueeze(1), positions, False)
             prefix = torch.stack(drafts, dim=1) if drafts else tok.new_zeros(b, 0)
-            tok = self._pick(logits, prefix, draft_offset=True)[:, 0]
+            scores = self._process(logits, prefix, draft_offset=True)[:, 0]
+            if self.do_sample:
+                probs = torch.softmax(scores, dim=-1)
+                q.append(probs)
+                tok = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+            else:
+                tok = scores.argmax(dim=-1)
             drafts.append(tok)
-        return torch.stack(drafts, dim=1) if drafts else tok.new_zeros(b, 0)
+        out = torch.stack(drafts, dim=1) if drafts else tok.new_zeros(b, 0)
+        return out, (torch.stack(q, dim=1) if q else None)
 
     def _verify(self, drafts: torch.Tensor) -> torch.Tensor:
-        """Dense pass over ``[last, d_1..d_g]``; returns dense choices ``[B, g + 1]``."""
+        """Dense pass over ``[last, d_1..d_g]``.
+
+        Returns dense greedy choices ``[B, g + 1]`` or, when sampling, the dense distributions
+        ``[B, g + 1, V]``.
+        """
         b, g = drafts.shape
         t = g + 1
         block = torch.cat([self.last.unsqueeze(1), drafts], dim=1)
@@ -284,19 +305,21 @@ class _Run:
         )
         positions = q_cols - self.pad.unsqueeze(1)
         logits = self._forward(plan, block, positions, True)
-        return self._pick(logits, drafts)
+        scores = self._process(logits, drafts)
+        return torch.softmax(scores, dim=-1) if self.do_sample else scores.argmax(dim=-1)
 
     # ----------------------------------------------------------------------------- token choice
-    def _pick(self, logits: torch.Tensor, drafts: torch.Tensor, draft_offset: bool = False) -> torch.Tensor:
-        """Greedy choice at each of the ``T`` positions of ``logits`` ``[B, T, V]``.
+    def _process(self, logits: torch.Tensor, drafts: torch.Tensor, draft_offset: bool = False) -> torch.Tensor:
+        """Apply the logits processors at each of the ``T`` positions of ``logits`` ``[B, T, V]``.
 
-        With logits processors, position ``i`` of row ``b`` is processed with the prefix dense
-        decoding would have there: the committed tokens, then ``drafts[b, :i]`` (for a draft step,
-        all of ``drafts``). Processors see the whole batch, as in ``generate``; rows whose prefixes
-        have the same length share one call.
+        Position ``i`` of row ``b`` is processed with the prefix that dense decoding would have
+        there: the committed tokens, then ``drafts[b, :i]`` (for a draft step, all of ``drafts``).
+        Processors see the whole batch, as in ``generate``; rows whose prefixes have the same length
+        share one call. Returns float32 scores ``[B, T, V]`` (the logits themselves without
+        processors).
         """
         if self.processors is None:
-            return logits.argmax(dim=-1)
+            return logits
         b, t, _ = logits.shape
         k = drafts.shape[1]
         base = self.prompt_len + self.n_gen  # [B] host
@@ -304,15 +327,21 @@ class _Run:
         if k:
             cols = base.to(self.device).unsqueeze(1) + torch.arange(k, device=self.device)
             ext.scatter_(1, cols, drafts)
-        out = logits.argmax(dim=-1)
+        out = logits.clone()
         live = self.active
         for i in range(t):
             lens = base + (k if draft_offset else i)
             for length in sorted(set(lens[live].tolist())):
-                rows = (lens == length) & live
+                rows = ((lens == length) & live).to(self.device)
                 scores = self.processors(ext[:, :length], logits[:, i].clone())
-                out[rows.to(self.device), i] = scores[rows.to(self.device)].argmax(dim=-1)
+                out[rows, i] = scores[rows].float()
         return out
+
+    def _choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """One token per row from processed scores ``[B, V]``: argmax, or a sample when sampling."""
+        if self.do_sample:
+            return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator).squeeze(1)
+        return scores.argmax(dim=-1)
 
     # ----------------------------------------------------------------------------- commit
     def _commit(self, block: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -410,13 +439,21 @@ class _Run:
             g = max(0, min(gamma, room - 1))  # drafts beyond the last allowed token are wasted
             # 1. draft
             t0 = time.perf_counter()
-            drafts = self._draft(g) if g > 0 else self.last.new_zeros(self.batch, 0)
+            if g > 0:
+                drafts, q = self._draft(g)
+            else:
+                drafts, q = self.last.new_zeros(self.batch, 0), None
             t1 = time.perf_counter()
             # 2. verify
             target = self._verify(drafts)
             t2 = time.perf_counter()
-            # 3. accept
-            n_acc, bonus = greedy_accept(drafts, target)
+            # 3. accept: greedy prefix match, or the speculative-sampling rule
+            if self.do_sample:
+                if q is None:
+                    q = target.new_zeros(self.batch, 0, target.shape[-1])
+                n_acc, bonus = speculative_sample(drafts, q, target, self.generator)
+            else:
+                n_acc, bonus = greedy_accept(drafts, target)
             # 4. commit: the committed block is d_1..d_n then the bonus token
             block = torch.cat([drafts, bonus.unsqueeze(1)], dim=1)
             block.scatter_(1, n_acc.unsqueeze(1), bonus.unsqueeze(1))
@@ -491,6 +528,13 @@ def generate(
     streamer=None,
     progress: Callable[[str, int, int], None] | None = None,
     stream_prompt: bool = True,
+    do_sample: bool = False,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    generator: torch.Generator | None = None,
     **model_inputs,
 ) -> StdOutput:
     """Greedy Sparse-to-Dense decoding: the tokens of dense greedy decoding, produced faster.
@@ -509,6 +553,13 @@ def generate(
         logits_processor, stopping_criteria, streamer: as in ``model.generate``.
         progress: optional callback ``(phase, done, total)`` for progress display.
         stream_prompt: put the prompt to ``streamer`` first, as ``model.generate`` does.
+        do_sample: sample instead of greedy decoding. Speculative sampling keeps the output
+            distribution exactly that of dense sampling with the same settings.
+        temperature, top_k, top_p, min_p, repetition_penalty: as in ``model.generate``; unset values
+            come from ``model.generation_config`` (transformers' own defaults include ``top_k=50``).
+            Ignored when ``logits_processor`` is given.
+        generator: optional ``torch.Generator`` for sampling; by default the global RNG is used, so
+            ``torch.manual_seed`` makes runs repeat.
         **model_inputs: extra model inputs (vision tensors for Video-LLMs).
 
     Returns:
@@ -530,6 +581,11 @@ def generate(
         raise ValueError(
             f"context_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(context_mask.shape)}."
         )
+    if logits_processor is None:
+        logits_processor = _default_processors(
+            model, input_ids, do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repetition_penalty=repetition_penalty,
+        )
     if streamer is not None:
         if input_ids.shape[0] != 1:
             raise ValueError("streaming supports batch size 1 only, like transformers' streamers.")
@@ -537,7 +593,8 @@ def generate(
             streamer.put(input_ids.cpu())
     run = _Run(
         model, adapter, cfg, input_ids, attention_mask, max_new_tokens, eos_ids, int(pad_token_id), context_mask,
-        logits_processor, stopping_criteria, streamer, model_inputs, progress,
+        logits_processor, stopping_criteria, streamer, model_inputs, progress, do_sample=do_sample,
+        generator=generator,
     )
     with torch.inference_mode(), attention_routed(model):
         run.prefill()
@@ -549,6 +606,46 @@ def generate(
     out = run.output()
     out.stats.time_total = time.perf_counter() - t_total
     return out
+
+
+def _default_processors(model, input_ids, do_sample: bool, **settings):
+    """The logits processors ``model.generate`` would build for these settings (None if none).
+
+    Uses transformers' own builder so the processors, their order and their defaults (e.g.
+    ``top_k=50`` when sampling) are exactly those of ``model.generate``.
+    """
+    import copy
+
+    overrides = {k: v for k, v in settings.items() if v is not None}
+    for name, value in overrides.items():
+        _check_setting(name, value)
+    if not do_sample and not overrides:
+        return None
+    base = getattr(model, "generation_config", None)
+    if base is None or not hasattr(model, "_get_logits_processor"):
+        raise ValueError("sampling settings need a transformers model with a generation_config.")
+    gen_cfg = copy.deepcopy(base)
+    gen_cfg.do_sample = do_sample
+    for name, value in overrides.items():
+        setattr(gen_cfg, name, value)
+    procs = model._get_logits_processor(
+        generation_config=gen_cfg, input_ids_seq_length=input_ids.shape[1], encoder_input_ids=input_ids,
+        logits_processor=None, device=input_ids.device, model_kwargs={},
+    )
+    return procs if len(procs) else None
+
+
+def _check_setting(name: str, value) -> None:
+    if name == "top_k":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"top_k must be a non-negative integer, got {value!r}.")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}.")
+    if name in ("temperature", "repetition_penalty") and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}.")
+    if name in ("top_p", "min_p") and not 0 <= value <= 1:
+        raise ValueError(f"{name} must be between 0 and 1, got {value}.")
 
 
 def _check_inputs(input_ids, attention_mask, max_new_tokens, adapter: Adapter):

@@ -55,17 +55,21 @@ def custom_generate(
     gamma: int = 9,
     std_config: StdConfig | None = None,
     context_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
     **model_kwargs,
 ):
-    """Greedy Sparse-to-Dense decoding behind ``model.generate``.
+    """Sparse-to-Dense decoding behind ``model.generate``: greedy, or sampling with ``do_sample=True``.
 
-    Returns what ``model.generate`` returns for greedy decoding: the sequences tensor, or, with
+    Sampling uses the logits processors ``generate`` prepared (temperature, top-k, top-p, min-p,
+    penalties) on both the draft and the dense distributions; the speculative-sampling rule keeps
+    the output distribution exactly that of ``generate``'s own sampling. Pass ``generator`` for a
+    dedicated random stream; otherwise the global RNG (``torch.manual_seed``) is used.
+
+    Returns what ``model.generate`` returns: the sequences tensor, or, with
     ``return_dict_in_generate=True``, a ``GenerateDecoderOnlyOutput`` whose ``std_stats`` attribute
     holds the :class:`~sparse2dense.StdStats` of the call.
     """
     gc = generation_config if generation_config is not None else model.generation_config
-    if gc.do_sample:
-        raise ValueError("sparse2dense.custom_generate supports greedy decoding only; pass do_sample=False.")
     if (gc.num_beams or 1) > 1:
         raise ValueError("sparse2dense.custom_generate does not support beam search; use num_beams=1.")
     if gc.output_scores or gc.output_logits or gc.output_attentions or gc.output_hidden_states:
@@ -110,6 +114,8 @@ def custom_generate(
         stopping_criteria=criteria,
         streamer=streamer,
         stream_prompt=False,  # generate() has already put the prompt
+        do_sample=bool(gc.do_sample),
+        generator=generator,
         **model_kwargs,
     )
     if gc.return_dict_in_generate:
