@@ -43,6 +43,29 @@ def _non_negative(name: str):
     return _int_at_least(name, 0)
 
 
+def _positive_float(name: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {value}")
+        return value
+
+    return parse
+
+
+def _fraction(name: str):
+    def parse(text: str) -> float:
+        value = _positive_float(name)(text)
+        if value > 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at most 1, got {value}")
+        return value
+
+    return parse
+
+
 def _batch_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -107,6 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="maximum tokens to generate (default: 128)")
     _add_std_args(gen, gamma_default=6)
     gen.add_argument("--dense", action="store_true", help="plain dense decoding (same as --gamma 0)")
+    gen.add_argument("--stream", action="store_true", help="print the answer as it is produced (accepted blocks)")
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                     help="stop when the output contains TEXT (repeatable)")
+    s_group = gen.add_argument_group("sampling (output distribution identical to dense sampling)")
+    s_group.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    s_group.add_argument("--temperature", type=_positive_float("--temperature"), default=None,
+                         help="sampling temperature (> 0)")
+    s_group.add_argument("--top-p", type=_fraction("--top-p"), default=None, help="nucleus sampling mass in (0, 1]")
+    s_group.add_argument("--top-k", type=_non_negative("--top-k"), default=None,
+                         help="sample from the k most likely tokens (0: all)")
+    s_group.add_argument("--repetition-penalty", type=_positive_float("--repetition-penalty"), default=None,
+                         help="penalty > 1 discourages repeating prompt or generated tokens")
+    s_group.add_argument("--seed", type=_non_negative("--seed"), default=None, help="random seed for sampling")
     gen.add_argument("--compare", action="store_true",
                      help="also decode densely from the same prefill; print the speedup and check identity")
     gen.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
@@ -228,6 +264,16 @@ def cmd_generate(args) -> int:
     if not args.prompt.strip():
         raise UserError("--prompt is empty")
     cfg = _std_config(args)
+    sampling = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")
+                if getattr(args, k) is not None}
+    if sampling and not args.do_sample and set(sampling) != {"repetition_penalty"}:
+        raise UserError("--temperature/--top-p/--top-k need --do-sample")
+    if args.compare and args.do_sample:
+        raise UserError("--compare checks token identity, which needs greedy decoding; drop --do-sample")
+    if args.stream and (args.json or args.compare):
+        raise UserError("--stream cannot be combined with --json or --compare")
+    if any(not text for text in args.stop):
+        raise UserError("--stop needs a non-empty text")
     log(f"loading {args.model} ...")
     model, tok = load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device, log=log)
     text = f"{context}\n\n{args.prompt}" if context else args.prompt
@@ -250,15 +296,31 @@ def cmd_generate(args) -> int:
                       speedup_decode=round(dense.decode_s / std.decode_s, 3) if std.decode_s else None,
                       identical=identical)
     else:
+        streamer = None
+        if args.stream:
+            from transformers import TextStreamer
+
+            streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        stopping = None
+        if args.stop:
+            from transformers import StoppingCriteriaList, StopStringCriteria
+
+            stopping = StoppingCriteriaList([StopStringCriteria(tokenizer=tok, stop_strings=args.stop)])
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
         out = generate(model, input_ids, attention_mask, max_new_tokens=args.max_new_tokens, config=cfg,
-                       progress=progress)
+                       progress=None if args.stream else progress, streamer=streamer, stopping_criteria=stopping,
+                       do_sample=args.do_sample, **sampling)
         seq, stats = out.sequences, out.stats.to_dict()
     answer = tok.decode(seq[0, input_ids.shape[1]:], skip_special_tokens=True)
-    result.update(answer=answer, stats=stats)
+    result.update(answer=answer, stats=stats, do_sample=args.do_sample, **sampling)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(answer.strip())
+        if args.stream:
+            sys.stdout.flush()
+        else:
+            print(answer.strip())
         print()
         print(f"prompt {result['prompt_tokens']} tokens; prefill {stats['time_prefill']:.2f}s, "
               f"selection {stats['time_selection']:.2f}s, decode {stats['time_decode']:.2f}s "

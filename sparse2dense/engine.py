@@ -535,6 +535,8 @@ def generate(
     min_p: float | None = None,
     repetition_penalty: float | None = None,
     generator: torch.Generator | None = None,
+    stop_strings: str | list[str] | None = None,
+    tokenizer=None,
     **model_inputs,
 ) -> StdOutput:
     """Greedy Sparse-to-Dense decoding: the tokens of dense greedy decoding, produced faster.
@@ -560,6 +562,8 @@ def generate(
             Ignored when ``logits_processor`` is given.
         generator: optional ``torch.Generator`` for sampling; by default the global RNG is used, so
             ``torch.manual_seed`` makes runs repeat.
+        stop_strings, tokenizer: stop a row as soon as its output contains one of the strings, at
+            exactly the token ``model.generate(stop_strings=..., tokenizer=...)`` stops at.
         **model_inputs: extra model inputs (vision tensors for Video-LLMs).
 
     Returns:
@@ -581,6 +585,13 @@ def generate(
         raise ValueError(
             f"context_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(context_mask.shape)}."
         )
+    if stop_strings:
+        if tokenizer is None:
+            raise ValueError("stop_strings needs the model's tokenizer: pass tokenizer=...")
+        from transformers import StoppingCriteriaList, StopStringCriteria
+
+        criteria = StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)
+        stopping_criteria = StoppingCriteriaList([*(stopping_criteria or []), criteria])
     if logits_processor is None:
         logits_processor = _default_processors(
             model, input_ids, do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,

@@ -65,6 +65,11 @@ def custom_generate(
     the output distribution exactly that of ``generate``'s own sampling. Pass ``generator`` for a
     dedicated random stream; otherwise the global RNG (``torch.manual_seed``) is used.
 
+    transformers 5.23 drops ``tokenizer`` before calling a ``custom_generate`` callable, so
+    ``stop_strings=`` fails inside ``model.generate``; pass
+    ``stopping_criteria=StoppingCriteriaList([StopStringCriteria(tokenizer, stop_strings)])``
+    instead, or use :func:`sparse2dense.generate` with ``stop_strings=`` and ``tokenizer=``.
+
     Returns what ``model.generate`` returns: the sequences tensor, or, with
     ``return_dict_in_generate=True``, a ``GenerateDecoderOnlyOutput`` whose ``std_stats`` attribute
     holds the :class:`~sparse2dense.StdStats` of the call.

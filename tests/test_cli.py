@@ -106,3 +106,25 @@ def test_demo_json_small():
         assert scenario["identical"] is True
         names = [m["name"] for m in scenario["methods"]]
         assert any("static" in n for n in names) and any("StD" in n for n in names)
+
+
+@pytest.mark.slow
+def test_generate_stream_and_sampling():
+    proc = run("generate", "--model", "smollm2-135m", "--prompt", "Write one sentence about the sea.", "--stream",
+               "--do-sample", "--temperature", "0.7", "--seed", "1", "--max-new-tokens", "24", "--gamma", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert "tokens per round" in proc.stdout and len(proc.stdout.splitlines()[0]) > 10
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--temperature", "0.5"], "need --do-sample"),
+        (["--do-sample", "--compare"], "greedy"),
+        (["--stream", "--json"], "--stream"),
+        (["--do-sample", "--top-p", "1.5"], "--top-p"),
+    ],
+)
+def test_bad_sampling_and_stream_options(args, fragment):
+    proc = run("generate", "--model", "smollm2-135m", "--prompt", "hi", *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and fragment in proc.stderr, proc.stderr

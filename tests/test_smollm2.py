@@ -69,3 +69,78 @@ def test_eos_stops_on_real_weights(smollm2):
     out = sparse2dense.generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=60, gamma=5)
     assert torch.equal(out.sequences, ref)
     assert out.sequences[0, -1].item() in (tok.eos_token_id, 2) or out.sequences.shape[1] == enc["input_ids"].shape[1] + 60
+
+
+def _chat(tok, text):
+    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, return_dict=True,
+                                   return_tensors="pt")
+
+
+@pytest.mark.parametrize("stops", [["."], [" the"], ["\n"]])
+def test_stop_strings_stop_at_the_same_token(smollm2, stops):
+    model, tok = smollm2
+    enc = _chat(tok, "Explain what a Python list is, in three sentences.")
+    from transformers import StoppingCriteriaList, StopStringCriteria
+
+    ref = model.generate(**enc, max_new_tokens=48, do_sample=False, stop_strings=stops, tokenizer=tok)
+    direct = sparse2dense.generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=48, budget=32,
+                                   gamma=6, stop_strings=stops, tokenizer=tok)
+    assert torch.equal(direct.sequences, ref)
+    # transformers 5.23 drops `tokenizer` for custom_generate callables: pass the criteria instead
+    criteria = StoppingCriteriaList([StopStringCriteria(tokenizer=tok, stop_strings=stops)])
+    got = model.generate(**enc, max_new_tokens=48, do_sample=False, stopping_criteria=criteria,
+                         custom_generate=sparse2dense.custom_generate, budget=32, gamma=6)
+    assert torch.equal(got, ref)
+    assert ref.shape[1] < enc["input_ids"].shape[1] + 48, "the stop string should have been hit"
+
+
+@pytest.mark.parametrize("path", ["direct", "custom_generate"])
+def test_text_iterator_streamer_concatenates_to_the_answer(smollm2, path):
+    import threading
+
+    from transformers import TextIteratorStreamer
+
+    model, tok = smollm2
+    enc = _chat(tok, "Name three colours.")
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    result = {}
+
+    def work():
+        if path == "direct":
+            result["seq"] = sparse2dense.generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=40,
+                                                  gamma=5, streamer=streamer).sequences
+        else:
+            result["seq"] = model.generate(**enc, max_new_tokens=40, do_sample=False, streamer=streamer,
+                                           custom_generate=sparse2dense.custom_generate, gamma=5)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    text = "".join(streamer)  # ends only when generation calls streamer.end()
+    thread.join(timeout=120)
+    final = tok.decode(result["seq"][0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert text == final and text.strip()
+
+
+def test_streamed_tokens_are_never_retracted_when_sampling(smollm2):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            pass
+
+    model, tok = smollm2
+    enc = _chat(tok, "Tell me a fact about owls.")
+    streamer = Collect()
+    torch.manual_seed(3)
+    out = sparse2dense.generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=40, gamma=6,
+                                budget=64, do_sample=True, temperature=0.8, streamer=streamer)
+    streamed = [t for chunk in streamer.chunks[1:] for t in chunk]
+    assert streamed == out.sequences[0, enc["input_ids"].shape[1]:].tolist()
+    if out.sequences[0, -1].item() == tok.eos_token_id:
+        assert streamed[-1] == tok.eos_token_id  # EOS inside a block ends the stream exactly there
