@@ -95,22 +95,26 @@ def sparse2dense_attention(module, query, key, value, attention_mask, scaling=No
 AttentionInterface.register(ATTN_NAME, sparse2dense_attention)
 
 
-def _all_configs(config):
-    yield config
-    for name in getattr(config, "sub_configs", {}) or {}:
-        sub = getattr(config, name, None)
-        if sub is not None and hasattr(sub, "_attn_implementation"):
-            yield from _all_configs(sub)
+def _language_model_configs(model):
+    """The config objects read by the attention modules that own the KV cache.
+
+    For a text LLM that is ``model.config``; for a vision-language model only its text config: the
+    vision encoder keeps its own attention implementation.
+    """
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return [text]
 
 
 @contextlib.contextmanager
 def attention_routed(model):
     """Route the model's attention through sparse2dense for the duration of the block.
 
-    The model's configured implementation (sdpa, eager, ...) is restored on exit, so the user's
-    model behaves exactly as before outside sparse2dense calls.
+    Only the language model is routed (a vision encoder keeps its own attention). The model's
+    configured implementation (sdpa, eager, ...) is restored on exit, so the user's model behaves
+    exactly as before outside sparse2dense calls.
     """
-    configs = list(_all_configs(model.config))
+    configs = _language_model_configs(model)
     saved = [cfg._attn_implementation_internal for cfg in configs]
     try:
         for cfg in configs:

@@ -124,6 +124,7 @@ class _Run:
 
         valid = attention_mask.bool()
         self.valid = valid
+        self.attention_mask = attention_mask
         self.pad = (~valid).sum(dim=1)  # [B] left padding per row
         if context_mask is not None:
             self.candidates = context_mask.to(self.device).bool() & valid
@@ -159,12 +160,16 @@ class _Run:
         self.row_rounds = 0  # (row, round) pairs in which the row was still generating
 
     # ----------------------------------------------------------------------------- forward passes
-    def _forward(self, plan: ForwardPlan, ids: torch.Tensor, positions: torch.Tensor, all_logits: bool, **extra):
-        """Run the model on ``ids`` ``[B, T]`` at text positions ``positions`` ``[B, T]``."""
+    def _forward(self, plan: ForwardPlan, ids: torch.Tensor, positions: torch.Tensor, all_logits: bool,
+                 position_ids_ready: bool = False, **extra):
+        """Run the model on ``ids`` ``[B, T]`` at text positions ``positions`` ``[B, T]``.
+
+        With ``position_ids_ready`` the positions are already in the model's format (e.g. M-RoPE).
+        """
         with use_plan(plan):
             out = self.model(
                 input_ids=ids,
-                position_ids=self.adapter.position_ids(positions),
+                position_ids=positions if position_ids_ready else self.adapter.position_ids(positions),
                 past_key_values=self.cache,
                 use_cache=True,
                 logits_to_keep=0 if all_logits else 1,
@@ -210,8 +215,15 @@ class _Run:
             )
             if capture is not None:
                 capture.begin_chunk(start, t)
-            extra = self.adapter.prefill_kwargs(self.model_inputs) if start == 0 else {}
-            logits = self._forward(plan, self.input_ids[:, start:end], positions[:, start:end], False, **extra)
+            if start == 0:
+                extra = self.adapter.prefill_kwargs(self.model_inputs)
+                pos_ids = self.adapter.prefill_position_ids(self.input_ids, self.attention_mask, self.model_inputs,
+                                                            positions)
+            else:
+                extra = {}
+                pos_ids = self.adapter.position_ids(positions)
+            logits = self._forward(plan, self.input_ids[:, start:end], pos_ids[..., start:end], False,
+                                   position_ids_ready=True, **extra)
             if self.progress is not None:
                 self.progress("prefill", end, p)
         self.cache.seq_length = p

@@ -85,3 +85,12 @@ class Adapter:
     def prefill_kwargs(self, model_inputs: dict) -> dict:
         """Extra keyword arguments for the prefill forward pass (pixel values, grids, ...)."""
         return {}
+
+    def prefill_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, model_inputs: dict,
+                             positions: torch.Tensor) -> torch.Tensor:
+        """Position ids for the whole prompt (last dim = prompt length); default: :meth:`position_ids`."""
+        return self.position_ids(positions)
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """bool ``[B, P]`` marking visual tokens, or None for text-only model families."""
+        return None
