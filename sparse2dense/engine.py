@@ -47,6 +47,8 @@ class StdStats:
     per_position_acceptance: list[float] = field(default_factory=list)  # P(d_i accepted | d_i drafted)
     gamma: int = 0
     budget: int = 0
+    n_visual: list[int] = field(default_factory=list)  # visual (image/video) prompt tokens per row
+    n_text: list[int] = field(default_factory=list)  # other non-padding prompt tokens per row
     n_candidates: list[int] = field(default_factory=list)  # droppable prompt tokens per row
     n_selected: list[int] = field(default_factory=list)  # prompt KV entries the drafter keeps per row
     dense_cache_mb: float = 0.0
@@ -131,6 +133,10 @@ class _Run:
         else:
             self.candidates = adapter.candidate_mask(input_ids, valid, cfg)
         self.keep = valid & ~self.candidates
+        visual = adapter.visual_mask(input_ids)
+        visual = visual & valid if visual is not None else torch.zeros_like(valid)
+        self.stats.n_visual = visual.sum(dim=1).tolist()
+        self.stats.n_text = (valid & ~visual).sum(dim=1).tolist()
 
         dtype = next(model.parameters()).dtype
         capacity = self.prompt_len + max_new_tokens + cfg.gamma + 2
@@ -423,7 +429,7 @@ class _Run:
         self.row_rounds = 0
         self.committed = 0
         kept = {k: getattr(self.stats, k) for k in ("time_prefill", "time_selection", "n_candidates", "n_selected",
-                                                      "draft_cache_mb")}
+                                                      "draft_cache_mb", "n_visual", "n_text")}
         self.stats = StdStats(batch_size=self.batch, prompt_len=self.prompt_len, gamma=self.cfg.gamma,
                               budget=self.cfg.budget, **kept)
 

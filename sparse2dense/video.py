@@ -149,7 +149,7 @@ def _open(av: Any, path: str) -> Any:
     try:
         return av.open(path, mode="r", metadata_errors="ignore")
     except _av_errors(av) as exc:
-        raise VideoError(f"not a video file PyAV can open ({_reason(exc)}): {path}") from exc
+        raise VideoError(f"not a video file PyAV can open, or a damaged one ({_reason(exc)}): {path}") from exc
 
 
 def _video_stream(av: Any, container: Any, path: str) -> Any:
@@ -172,10 +172,11 @@ def _check_resolution(width: int, height: int, max_pixels: int, path: str) -> No
         )
 
 
-def _source_fps(stream: Any) -> float | None:
+def _source_fps(stream: Any) -> Fraction | None:
+    """The stream's average frame rate, else FFmpeg's guess, as an exact fraction; None if unknown."""
     for rate in (stream.average_rate, stream.guessed_rate):
-        if rate is not None and float(rate) > 0:
-            return float(rate)
+        if rate is not None and rate > 0:
+            return Fraction(rate)
     return None
 
 
@@ -202,6 +203,11 @@ def _demux_index(
     packets = container.demux(stream)
     while True:
         if time.monotonic() > deadline:
+            if not pts:
+                raise VideoError(
+                    f"reading the file timed out after decode_timeout_s={timeout_s:g} s before any frame "
+                    f"was found: {path}"
+                )
             warnings.append(
                 f"reading the file timed out after decode_timeout_s={timeout_s:g} s; "
                 f"sampling from its first {len(pts)} frames"
@@ -225,18 +231,18 @@ def _demux_index(
     if all(p is not None for p in pts):
         keys = sorted(set(int(p) for p in pts))  # type: ignore[arg-type]
         base = Fraction(stream.time_base) if stream.time_base is not None else Fraction(1, 90000)
+        span = (keys[-1] - keys[0]) * base
         times = np.array([float((k - keys[0]) * base) for k in keys], dtype=np.float64)
-        if src_fps is None and len(times) > 1 and times[-1] > 0:
-            src_fps = (len(times) - 1) / float(times[-1])
-        fps = src_fps or 0.0
-        frame_s = 1.0 / fps if fps > 0 else 0.0
-        return _Index(keys, times, True, fps, float(times[-1]) + frame_s)
+        if src_fps is None and len(keys) > 1 and span > 0:
+            src_fps = (len(keys) - 1) / span
+        frame = 1 / src_fps if src_fps else 0
+        return _Index(keys, times, True, float(src_fps or 0.0), float(span + frame))
 
     if src_fps is None:
         warnings.append(f"the video reports neither timestamps nor a frame rate; assuming {_FALLBACK_FPS:g} fps")
-    fps = src_fps or _FALLBACK_FPS
-    times = np.arange(len(pts), dtype=np.float64) / fps
-    return _Index(list(range(len(pts))), times, False, src_fps or 0.0, len(pts) / fps)
+    rate = src_fps or Fraction(_FALLBACK_FPS)
+    times = np.array([float(i / rate) for i in range(len(pts))], dtype=np.float64)
+    return _Index(list(range(len(pts))), times, False, float(src_fps or 0.0), float(len(pts) / rate))
 
 
 def _uniform(count: int, n: int) -> list[int]:
@@ -276,14 +282,14 @@ def _select(
         return chosen
 
     n = num_frames if num_frames is not None else DEFAULT_NUM_FRAMES
-    if n > max_frames:
-        if explicit:
-            warnings.append(f"num_frames={n} is more than max_frames={max_frames}; using {max_frames}")
-        n = max_frames
     if n > count:
         if explicit:
             warnings.append(f"requested {n} frames but the video has only {count}; using {count}")
         n = count
+    if n > max_frames:
+        if explicit:
+            warnings.append(f"num_frames={num_frames} is more than max_frames={max_frames}; using {max_frames}")
+        n = max_frames
     return _uniform(count, n)
 
 
