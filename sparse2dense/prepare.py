@@ -1,0 +1,97 @@
+"""Model inputs from decoded video frames.
+
+Where transformers' own processor can be imported (it needs torchvision), use it: it is the
+reference. Without torchvision, this module prepares the inputs of the Qwen2-VL family itself,
+following the steps of transformers' ``Qwen2VLVideoProcessor``: resize to a multiple of
+``patch_size * merge_size`` within a pixel budget (bicubic, antialiased), rescale and normalize with
+the CLIP mean and std, pad the frame count to a multiple of ``temporal_patch_size``, and flatten
+into patches in the order the vision tower expects.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(slots=True)
+class QwenVideoSettings:
+    """Preprocessing constants of Qwen2-VL / Qwen2.5-VL (their processors' defaults)."""
+
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    min_pixels: int = 128 * 28 * 28
+    max_pixels: int = 768 * 28 * 28
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    @classmethod
+    def from_model(cls, model) -> "QwenVideoSettings":
+        vision = model.config.vision_config
+        return cls(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                   temporal_patch_size=vision.temporal_patch_size)
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Height and width that are multiples of ``factor``, keep the aspect ratio, and fit the pixel range."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} is too extreme (max 200).")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def qwen_video_pixels(frames: np.ndarray, settings: QwenVideoSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened patches and grid for one video.
+
+    Args:
+        frames: uint8 ``[T, H, W, 3]`` RGB frames.
+
+    Returns:
+        ``(pixel_values_videos [grid_t * grid_h * grid_w, 3 * temporal_patch * patch * patch],
+        video_grid_thw [1, 3])``.
+    """
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+        raise ValueError(f"expected frames [T, H, W, 3] with T >= 1, got {tuple(frames.shape)}.")
+    s = settings
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # [T, 3, H, W] uint8
+    height, width = video.shape[-2:]
+    rh, rw = smart_resize(height, width, s.patch_size * s.merge_size, s.min_pixels, s.max_pixels)
+    if (rh, rw) != (height, width):
+        video = F.interpolate(video.float(), size=(rh, rw), mode="bicubic", antialias=True, align_corners=False)
+        video = video.round().clamp(0, 255)
+    video = video.float()
+    mean = torch.tensor(s.mean).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(s.std).view(1, 3, 1, 1) * 255.0
+    video = (video - mean) / std  # rescale by 1/255 and normalize, fused
+    if pad := -video.shape[0] % s.temporal_patch_size:
+        video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)], dim=0)
+    t = video.shape[0]
+    gt, gh, gw = t // s.temporal_patch_size, rh // s.patch_size, rw // s.patch_size
+    patches = video.view(gt, s.temporal_patch_size, 3, gh // s.merge_size, s.merge_size, s.patch_size,
+                         gw // s.merge_size, s.merge_size, s.patch_size)
+    patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    flat = patches.reshape(gt * gh * gw, 3 * s.temporal_patch_size * s.patch_size * s.patch_size)
+    return flat.contiguous(), torch.tensor([[gt, gh, gw]])
+
+
+def torchvision_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchvision") is not None
