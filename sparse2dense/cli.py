@@ -126,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gguf-file", help="GGUF file name inside --model (a folder or hub repo)")
     gen.add_argument("--prompt", required=True, help="the question or instruction")
     gen.add_argument("--context-file", help="text file placed before the prompt (a long document)")
+    v_group = gen.add_argument_group("video (Video-LLMs)")
+    v_group.add_argument("--video", help="video file (mp4, webm, mpeg, ... anything PyAV opens)")
+    v_group.add_argument("--frames", type=_positive("--frames"), default=None,
+                         help="frames sampled uniformly over the whole video (default: 8)")
+    v_group.add_argument("--fps", type=_positive_float("--fps"), default=None,
+                         help="sample frames at this rate instead of --frames")
+    v_group.add_argument("--max-frames", type=_positive("--max-frames"), default=64,
+                         help="never more than this many frames (default: 64)")
     gen.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=128,
                      help="maximum tokens to generate (default: 128)")
     _add_std_args(gen, gamma_default=6)
@@ -274,10 +282,32 @@ def cmd_generate(args) -> int:
         raise UserError("--stream cannot be combined with --json or --compare")
     if any(not text for text in args.stop):
         raise UserError("--stop needs a non-empty text")
+    if (args.frames or args.fps) and not args.video:
+        raise UserError("--frames/--fps need --video")
+    if args.frames and args.fps:
+        raise UserError("give either --frames or --fps, not both")
+    video = None
+    if args.video:
+        from .video import read_video
+
+        log(f"decoding {args.video} ...")
+        video = read_video(args.video, num_frames=args.frames, fps=args.fps, max_frames=args.max_frames)
+        for warning in video.warnings:
+            log(f"warning: {warning}")
+        log(f"  {video.frames.shape[0]} frames of {video.frames.shape[2]}x{video.frames.shape[1]}")
     log(f"loading {args.model} ...")
-    model, tok = load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device, log=log)
+    model, tok = load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device, log=log,
+                            vision=video is not None)
     text = f"{context}\n\n{args.prompt}" if context else args.prompt
-    if getattr(tok, "chat_template", None):
+    model_inputs: dict = {}
+    if video is not None:
+        from .video_inputs import build_video_inputs
+
+        enc = build_video_inputs(model, tok, video.frames, text, fps=args.fps)
+        model_inputs = {k: (v.to(args.device) if hasattr(v, "to") else v) for k, v in enc.items()
+                        if k not in ("input_ids", "attention_mask")}
+        tok = getattr(tok, "tokenizer", tok)
+    elif getattr(tok, "chat_template", None):
         enc = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                       return_dict=True, return_tensors="pt")
     else:
@@ -288,7 +318,8 @@ def cmd_generate(args) -> int:
     result: dict = {"model": args.model, "prompt_tokens": int(input_ids.shape[1]), "budget": cfg.budget,
                     "gamma": cfg.gamma, "policy": cfg.policy}
     if args.compare and cfg.gamma > 0:
-        runs = compare_methods(model, input_ids, attention_mask, args.max_new_tokens, cfg, progress=progress)
+        runs = compare_methods(model, input_ids, attention_mask, args.max_new_tokens, cfg, progress=progress,
+                               **model_inputs)
         std, dense = runs["std"], runs["dense"]
         seq, stats = std.sequences, std.stats
         identical = bool(torch.equal(std.sequences, dense.sequences))
@@ -310,7 +341,7 @@ def cmd_generate(args) -> int:
             torch.manual_seed(args.seed)
         out = generate(model, input_ids, attention_mask, max_new_tokens=args.max_new_tokens, config=cfg,
                        progress=None if args.stream else progress, streamer=streamer, stopping_criteria=stopping,
-                       do_sample=args.do_sample, **sampling)
+                       do_sample=args.do_sample, **sampling, **model_inputs)
         seq, stats = out.sequences, out.stats.to_dict()
     answer = tok.decode(seq[0, input_ids.shape[1]:], skip_special_tokens=True)
     result.update(answer=answer, stats=stats, do_sample=args.do_sample, **sampling)
@@ -322,6 +353,8 @@ def cmd_generate(args) -> int:
         else:
             print(answer.strip())
         print()
+        if video is not None:
+            print(f"visual tokens {stats['n_visual'][0]}, text tokens {stats['n_text'][0]}")
         print(f"prompt {result['prompt_tokens']} tokens; prefill {stats['time_prefill']:.2f}s, "
               f"selection {stats['time_selection']:.2f}s, decode {stats['time_decode']:.2f}s "
               f"({stats['new_tokens']} tokens, {stats['tokens_per_second']:.1f} tok/s)")

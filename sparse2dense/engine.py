@@ -145,6 +145,7 @@ class _Run:
         )
         self.cache = BufferCache(adapter.num_layers)
         self.selection: Selection | None = None
+        self.prompt_position_ids: torch.Tensor | None = None  # as prepared by generate(), if given
 
         # Output tokens: seq[b, :prompt_len + n_gen[b]] is row b's prefix so far.
         self.seq = torch.full((self.batch, capacity), pad_id, dtype=torch.long, device=self.device)
@@ -223,8 +224,11 @@ class _Run:
                 capture.begin_chunk(start, t)
             if start == 0:
                 extra = self.adapter.prefill_kwargs(self.model_inputs)
-                pos_ids = self.adapter.prefill_position_ids(self.input_ids, self.attention_mask, self.model_inputs,
-                                                            positions)
+                if self.prompt_position_ids is not None:
+                    pos_ids = self.adapter.adopt_position_ids(self.prompt_position_ids.to(self.device))
+                else:
+                    pos_ids = self.adapter.prefill_position_ids(self.input_ids, self.attention_mask,
+                                                                self.model_inputs, positions)
             else:
                 extra = {}
                 pos_ids = self.adapter.position_ids(positions)
@@ -555,6 +559,7 @@ def generate(
     generator: torch.Generator | None = None,
     stop_strings: str | list[str] | None = None,
     tokenizer=None,
+    prompt_position_ids: torch.Tensor | None = None,
     **model_inputs,
 ) -> StdOutput:
     """Greedy Sparse-to-Dense decoding: the tokens of dense greedy decoding, produced faster.
@@ -582,6 +587,8 @@ def generate(
             ``torch.manual_seed`` makes runs repeat.
         stop_strings, tokenizer: stop a row as soon as its output contains one of the strings, at
             exactly the token ``model.generate(stop_strings=..., tokenizer=...)`` stops at.
+        prompt_position_ids: the prompt's position ids as ``generate`` prepared them (last dim =
+            prompt length); by default the adapter computes them.
         **model_inputs: extra model inputs (vision tensors for Video-LLMs).
 
     Returns:
@@ -625,6 +632,7 @@ def generate(
         logits_processor, stopping_criteria, streamer, model_inputs, progress, do_sample=do_sample,
         generator=generator,
     )
+    run.prompt_position_ids = prompt_position_ids
     with torch.inference_mode(), attention_routed(model):
         run.prefill()
         if cfg.gamma > 0 and bool(run.active.any()):

@@ -40,7 +40,7 @@ def _streamer_from_generate_call(model):
 
 
 # model_kwargs that generate() prepares for its own loop and that sparse2dense replaces.
-_PREPARED_BY_GENERATE = ("past_key_values", "position_ids", "logits_to_keep", "use_cache", "cache_position")
+_PREPARED_BY_GENERATE = ("past_key_values", "logits_to_keep", "use_cache", "cache_position")
 
 
 def custom_generate(
@@ -91,6 +91,9 @@ def custom_generate(
     for key in _PREPARED_BY_GENERATE:
         model_kwargs.pop(key, None)
     attention_mask = model_kwargs.pop("attention_mask", None)
+    # generate() has prepared the prompt's position ids (M-RoPE for the Qwen-VL family, from vision
+    # inputs that it may already have replaced by precomputed encoder outputs): use them as they are.
+    prompt_position_ids = model_kwargs.pop("position_ids", None)
 
     criteria = None
     if stopping_criteria:
@@ -119,6 +122,7 @@ def custom_generate(
         stopping_criteria=criteria,
         streamer=streamer,
         stream_prompt=False,  # generate() has already put the prompt
+        prompt_position_ids=prompt_position_ids,
         do_sample=bool(gc.do_sample),
         generator=generator,
         **model_kwargs,

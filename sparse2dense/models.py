@@ -78,8 +78,26 @@ def load_demo_model(dtype: str | torch.dtype = "float32", log=print):
     return model.to(dtype).eval(), tok
 
 
-def load_model(name: str, gguf_file: str | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu", log=print):
+def _processor_or_tokenizer(name: str, tokenizer):
+    """The model's processor where it can be imported (video processors need torchvision), else the tokenizer."""
+    from .prepare import torchvision_available
+
+    if not torchvision_available():
+        return tokenizer
+    try:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(name)
+    except (OSError, ValueError, ImportError):
+        return tokenizer
+
+
+def load_model(name: str, gguf_file: str | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu",
+               log=print, vision: bool = False):
     """Load ``(model, tokenizer)`` from a hub id, a local folder, a GGUF file, or ``smollm2-135m``.
+
+    With ``vision=True`` the model is loaded as an image/video-text-to-text model and the second
+    value is its processor when that can be imported (else its tokenizer).
 
     Raises:
         ModelLoadError: the name cannot be resolved or the weights cannot be read.
@@ -104,7 +122,13 @@ def load_model(name: str, gguf_file: str | None = None, dtype: str | torch.dtype
         raise ModelLoadError(f"no such model folder: {name}")
     try:
         tok = AutoTokenizer.from_pretrained(name, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+        if vision:
+            from transformers import AutoModelForImageTextToText
+
+            model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, **kwargs)
+            tok = _processor_or_tokenizer(name, tok)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not load model {name!r}: {first}") from exc

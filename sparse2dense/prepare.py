@@ -35,9 +35,29 @@ class QwenVideoSettings:
 
     @classmethod
     def from_model(cls, model) -> "QwenVideoSettings":
+        """Patch sizes from the model config; pixel budget, mean and std from the checkpoint's
+        ``video_preprocessor_config.json`` / ``preprocessor_config.json`` when it has one."""
+        import json
+        from pathlib import Path
+
         vision = model.config.vision_config
-        return cls(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
-                   temporal_patch_size=vision.temporal_patch_size)
+        settings = cls(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                       temporal_patch_size=vision.temporal_patch_size)
+        folder = Path(str(getattr(model, "name_or_path", "") or ""))
+        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+            path = folder / name
+            if not path.is_file():
+                continue
+            data = json.loads(path.read_text())
+            size = data.get("size") or {}
+            settings.min_pixels = int(data.get("min_pixels") or size.get("shortest_edge") or settings.min_pixels)
+            settings.max_pixels = int(data.get("max_pixels") or size.get("longest_edge") or settings.max_pixels)
+            if data.get("image_mean"):
+                settings.mean = tuple(data["image_mean"])
+            if data.get("image_std"):
+                settings.std = tuple(data["image_std"])
+            break
+        return settings
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

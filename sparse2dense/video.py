@@ -36,6 +36,10 @@ DEFAULT_NUM_FRAMES = 8
 #: frame rate assumed for timestamps when the file has neither timestamps nor a frame rate
 _FALLBACK_FPS = 25.0
 
+#: FFmpeg decoders that render text files (ANSI art, BinText, XBin, iCEDraw) as pictures; a "video"
+#: stream with one of these is a text file, not a video
+_TEXT_CODECS = frozenset({"ansi", "bintext", "xbin", "idf"})
+
 #: frames per resize chunk in :func:`resize_frames` (bounds the float32 working memory)
 _RESIZE_CHUNK = 16
 
@@ -81,7 +85,7 @@ class VideoFrames:
 def _import_av() -> Any:
     """The ``av`` module, or :class:`VideoError` saying how to install it."""
     try:
-        import av  # noqa: PLC0415 - optional dependency, imported when used
+        import av  # optional dependency, imported when used
     except ImportError as exc:
         raise VideoError("reading video needs PyAV: pip install av") from exc
     return av
@@ -161,7 +165,13 @@ def _video_stream(av: Any, container: Any, path: str) -> Any:
         what = "only a cover picture" if streams else "no video stream"
         kinds = sorted({s.type for s in container.streams}) or ["no streams at all"]
         raise VideoError(f"file has {what} (it holds {', '.join(kinds)}): {path}")
-    return real[0]
+    stream = real[0]
+    if stream.codec_context.name in _TEXT_CODECS:
+        raise VideoError(
+            f"not a video file PyAV can open (FFmpeg reads it as text, with its "
+            f"'{container.format.name}' demuxer): {path}"
+        )
+    return stream
 
 
 def _check_resolution(width: int, height: int, max_pixels: int, path: str) -> None:
@@ -191,8 +201,9 @@ class _Index:
     keys: list[int]
     times: np.ndarray
     by_time: bool
+    time_base: Fraction
     fps: float
-    duration: float | None
+    duration: float
 
 
 def _demux_index(
@@ -236,20 +247,18 @@ def _demux_index(
         if src_fps is None and len(keys) > 1 and span > 0:
             src_fps = (len(keys) - 1) / span
         frame = 1 / src_fps if src_fps else 0
-        return _Index(keys, times, True, float(src_fps or 0.0), float(span + frame))
+        return _Index(keys, times, True, base, float(src_fps or 0.0), float(span + frame))
 
     if src_fps is None:
         warnings.append(f"the video reports neither timestamps nor a frame rate; assuming {_FALLBACK_FPS:g} fps")
     rate = src_fps or Fraction(_FALLBACK_FPS)
     times = np.array([float(i / rate) for i in range(len(pts))], dtype=np.float64)
-    return _Index(list(range(len(pts))), times, False, float(src_fps or 0.0), float(len(pts) / rate))
+    return _Index(list(range(len(pts))), times, False, 1 / rate, float(src_fps or 0.0), float(len(pts) / rate))
 
 
 def _uniform(count: int, n: int) -> list[int]:
-    """``n <= count`` distinct indices spread evenly over ``range(count)``; the ends are included.
-
-    One index is the middle frame.
-    """
+    """``n <= count`` distinct indices spread evenly over ``range(count)``, both ends included;
+    ``n == 1`` gives the middle index."""
     if n == 1:
         return [(count - 1) // 2]
     return np.linspace(0, count - 1, n).round().astype(np.int64).tolist()
@@ -309,7 +318,6 @@ def _decode_selected(
     frame at or after it (the chosen frame itself unless corrupt data dropped it)."""
     targets = [index.keys[i] for i in chosen]
     base_key = index.keys[0]
-    time_base = Fraction(stream.time_base) if stream.time_base is not None else None
     frames: list[np.ndarray] = []
     stamps: list[float] = []
     next_target = 0
@@ -342,10 +350,7 @@ def _decode_selected(
         if getattr(frame, "is_corrupt", False):
             corrupt += 1
         frames.append(rgb)
-        if index.by_time and time_base is not None:
-            stamps.append(float((key - base_key) * time_base))
-        else:
-            stamps.append(float(index.times[min(key, len(index.times) - 1)]))
+        stamps.append(float((key - base_key) * index.time_base))
 
     def decode(packet: Any) -> None:
         nonlocal decoded
@@ -508,8 +513,8 @@ def resize_frames(frames: np.ndarray, height: int, width: int, *, mode: str = "b
     if frames.shape[1:3] == (height, width):
         return frames.copy()
 
-    import torch  # noqa: PLC0415 - keep importing this module cheap
-    import torch.nn.functional as F  # noqa: N812, PLC0415
+    import torch  # imported here: keeps importing this module cheap
+    import torch.nn.functional as F
 
     out = np.empty((frames.shape[0], int(height), int(width), 3), dtype=np.uint8)
     for start in range(0, frames.shape[0], _RESIZE_CHUNK):

@@ -91,6 +91,10 @@ class Adapter:
         """Position ids for the whole prompt (last dim = prompt length); default: :meth:`position_ids`."""
         return self.position_ids(positions)
 
+    def adopt_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Take the prompt's position ids prepared by ``generate`` (and any state they imply)."""
+        return position_ids
+
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """bool ``[B, P]`` marking visual tokens, or None for text-only model families."""
         return None

@@ -76,6 +76,14 @@ class QwenVLAdapter(VisionAdapter):
             pos = self.position_ids(positions)
         return pos
 
+    def adopt_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
+        # generate() stored the matching rope_deltas on the model when it built these ids
+        deltas = getattr(self.model.model, "rope_deltas", None)
+        self.rope_deltas = deltas.to(position_ids.device) if deltas is not None else None
+        if position_ids.ndim == 2:
+            return self.position_ids(position_ids)
+        return position_ids
+
     def position_ids(self, positions: torch.Tensor) -> torch.Tensor:
         deltas = self.rope_deltas if self.rope_deltas is not None else torch.zeros_like(positions[:, :1])
         mrope = (positions + deltas).unsqueeze(0).expand(3, -1, -1)

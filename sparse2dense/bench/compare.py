@@ -73,7 +73,8 @@ def time_hf_generate(model, input_ids, attention_mask, max_new_tokens: int, cach
 
 
 def compare_methods(model, input_ids, attention_mask, max_new_tokens: int, config: StdConfig,
-                    eos_token_id=None, pad_token_id=None, order=("std", "dense"), progress=None) -> dict[str, MethodResult]:
+                    eos_token_id=None, pad_token_id=None, order=("std", "dense"), progress=None,
+                    **model_inputs) -> dict[str, MethodResult]:
     """Prefill once, then decode with StD and with the dense loop from the same state.
 
     Returns ``{"std": ..., "dense": ...}`` (keys as in ``order``).
@@ -85,7 +86,7 @@ def compare_methods(model, input_ids, attention_mask, max_new_tokens: int, confi
     pad = pad_token_id if pad_token_id is not None else gen_cfg.pad_token_id
     pad = pad if pad is not None else (eos[0] if eos else 0)
     run = _Run(model, adapter, config, input_ids, attention_mask, max_new_tokens, eos, int(pad), None, None, None,
-               None, {}, progress)
+               None, model_inputs, progress)
     results: dict[str, MethodResult] = {}
     with torch.inference_mode(), attention_routed(model):
         run.prefill()

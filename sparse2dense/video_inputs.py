@@ -1,0 +1,64 @@
+"""From a prompt and decoded frames to the keyword arguments a Video-LLM's forward takes.
+
+With torchvision installed, the model's own processor builds the inputs (the reference). Without
+it, inputs for the Qwen2-VL family (Qwen2-VL, Qwen2.5-VL) are built here: frames through
+:func:`sparse2dense.prepare.qwen_video_pixels`, text through the chat format with one
+``<|video_pad|>`` per visual token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .prepare import QwenVideoSettings, qwen_video_pixels, torchvision_available
+
+QWEN_OWN_PREP = ("qwen2_vl", "qwen2_5_vl")
+
+
+def build_video_inputs(model, tokenizer_or_processor, frames: np.ndarray, prompt: str, fps: float | None = None) -> dict:
+    """Model inputs (``input_ids``, ``attention_mask``, pixel tensors, grids, ...) for one video + prompt.
+
+    Args:
+        frames: uint8 ``[T, H, W, 3]``.
+        fps: the rate the frames were sampled at (Qwen2.5-VL uses it for temporal positions).
+    """
+    model_type = model.config.model_type
+    processor = tokenizer_or_processor
+    if hasattr(processor, "video_processor") and torchvision_available():
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        kwargs = {"fps": fps} if fps else {}
+        inputs = processor(text=[text], videos=[list(frames)], return_tensors="pt", **kwargs)
+        return dict(inputs)
+    if model_type not in QWEN_OWN_PREP:
+        raise ValueError(
+            f"preparing video inputs for {type(model).__name__} needs its transformers processor, which needs "
+            "torchvision (pip install torchvision); without it only Qwen2-VL and Qwen2.5-VL are prepared by "
+            "sparse2dense itself."
+        )
+    tokenizer = getattr(processor, "tokenizer", processor)
+    settings = QwenVideoSettings.from_model(model)
+    pixels, grid = qwen_video_pixels(frames, settings)
+    n_tokens = int(grid.prod()) // (settings.merge_size ** 2)
+    cfg = model.config
+    start, pad, end = (tokenizer.convert_ids_to_tokens(i) for i in
+                       (cfg.vision_start_token_id, cfg.video_token_id, cfg.vision_end_token_id))
+    text = (f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{start}{pad * n_tokens}{end}"
+            f"{prompt}<|im_end|>\n<|im_start|>assistant\n")
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    input_ids = enc["input_ids"]
+    n_found = int((input_ids == cfg.video_token_id).sum())
+    if n_found != n_tokens:
+        raise ValueError(f"the tokenizer split the video placeholder into {n_found} tokens, expected {n_tokens}.")
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": enc["attention_mask"],
+        "pixel_values_videos": pixels.to(model.dtype),
+        "video_grid_thw": grid,
+        "mm_token_type_ids": (input_ids == cfg.video_token_id).long() * 2,
+    }
+    if model_type == "qwen2_5_vl":
+        step = settings.temporal_patch_size / (fps if fps else 2.0)
+        inputs["second_per_grid_ts"] = torch.tensor([step])
+    return inputs

@@ -1,0 +1,109 @@
+"""End to end from a real video file: PyAV decoding, sparse2dense's own Qwen2-VL preprocessing (no
+torchvision here), a real Qwen2VLForConditionalGeneration saved to disk with a real tokenizer, and the
+CLI's --compare check of token-identical output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+CLI = [sys.executable, "-m", "sparse2dense.cli"]
+
+
+def encode_clip(path, frames=12, width=64, height=48):
+    import av
+
+    with av.open(str(path), "w") as out:
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        stream = out.add_stream(codec, rate=6)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            img = np.zeros((height, width, 3), dtype=np.uint8)
+            img[:, : (i + 1) * width // frames] = (200, 40 + 10 * i, 90)  # a bar sweeping right
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2vl_dir(tmp_path_factory):
+    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from sparse2dense.models import cache_dir, load_demo_model
+
+    load_demo_model(log=lambda *a: None)  # makes sure the SmolLM2 tokenizer is cached locally
+    tok = AutoTokenizer.from_pretrained(cache_dir() / "smollm2-135m-instruct")
+    tok.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|video_pad|>",
+                                                          "<|image_pad|>"]})
+    ids = tok.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>"])
+    torch.manual_seed(0)
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                         initializer_range=0.2,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        vision_start_token_id=ids[0], vision_end_token_id=ids[1], video_token_id=ids[2], image_token_id=ids[3],
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    folder = tmp_path_factory.mktemp("tiny-qwen2-vl")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 32 * 32, "max_pixels": 64 * 48}))
+    return folder
+
+
+def test_video_to_answer_identical_to_dense(tiny_qwen2vl_dir, tmp_path):
+    clip = tmp_path / "clip.mp4"
+    encode_clip(clip)
+    proc = subprocess.run([*CLI, "generate", "--model", str(tiny_qwen2vl_dir), "--video", str(clip), "--frames", "6",
+                           "--prompt", "What moves in this video?", "--max-new-tokens", "16", "--budget", "48",
+                           "--gamma", "4", "--compare", "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["identical"] is True
+    stats = result["stats"]
+    # 6 frames -> 3 temporal patches; 64x48 px -> 16x12 patches of 4 px -> 48 tokens each after the 2x2 merge
+    assert stats["n_visual"] == [144]
+    assert stats["n_text"][0] + 144 == result["prompt_tokens"]
+    assert stats["n_candidates"] == [144] and stats["n_selected"][0] <= 48
+
+
+def test_video_matches_model_generate_in_python(tiny_qwen2vl_dir, tmp_path):
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+    import sparse2dense
+    from sparse2dense.video import read_video
+    from sparse2dense.video_inputs import build_video_inputs
+
+    clip = tmp_path / "clip.mp4"
+    encode_clip(clip, frames=16)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_qwen2vl_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2vl_dir)
+    video = read_video(clip, num_frames=8)
+    inputs = build_video_inputs(model, tok, video.frames, "Describe the video.")
+    ref = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+    for budget, gamma in ((40, 3), (60, 6), (100_000, 5)):
+        out = sparse2dense.generate(model, **inputs, max_new_tokens=20, budget=budget, gamma=gamma)
+        assert torch.equal(out.sequences, ref), (budget, gamma)
+    via = model.generate(**inputs, max_new_tokens=20, do_sample=False, custom_generate=sparse2dense.custom_generate,
+                         budget=40, gamma=4)
+    assert torch.equal(via, ref)
+
+
+@pytest.mark.parametrize("content,fragment", [(None, "not found"), (b"this is not a video", "video")])
+def test_bad_video_file_is_one_line(tmp_path, content, fragment):
+    path = tmp_path / "bad.mp4"
+    if content is not None:
+        path.write_bytes(content)
+    proc = subprocess.run([*CLI, "generate", "--model", "smollm2-135m", "--video", str(path), "--prompt", "hi"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and fragment in proc.stderr, proc.stderr
