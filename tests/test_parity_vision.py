@@ -671,3 +671,26 @@ def test_acceptance_mixed():
             check_parity(family, inputs, "direct", n_text(inputs)[0] + 8, 5)
         rates = ACCEPTANCE[family]
         assert any(0.0 < r < 1.0 for r in rates), f"{family}: acceptance rates {rates}"
+
+
+def test_smolvlm_class_frames_as_images():
+    """SmolVLM2's own class (model_type smolvlm) goes through the same adapter as Idefics3."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = SmolVLMConfig(text_config=dict(_TEXT, model_type="llama"),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=16, patch_size=4),
+                        image_token_id=IMG, scale_factor=2)
+    model = SmolVLMForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    inputs = collate("idefics3", [video_rows("idefics3", torch.Generator().manual_seed(1))])
+    ref = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    for budget in (8, 10**5):
+        out = sparse2dense.generate(model, **inputs, max_new_tokens=12, budget=budget, gamma=4)
+        assert torch.equal(out.sequences, ref)
+        via = model.generate(**inputs, max_new_tokens=12, do_sample=False, custom_generate=sparse2dense.custom_generate,
+                             budget=budget, gamma=4)
+        assert torch.equal(via, ref)
+        assert out.stats.n_visual[0] == int((inputs["input_ids"] == IMG).sum())
