@@ -115,3 +115,43 @@ def torchvision_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("torchvision") is not None
+
+
+def _checkpoint_preprocessor(model) -> dict:
+    """The checkpoint's video (or general) preprocessor config, or {} when it has none."""
+    import json
+    from pathlib import Path
+
+    folder = Path(str(getattr(model, "name_or_path", "") or ""))
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        if (folder / name).is_file():
+            return json.loads((folder / name).read_text())
+    return {}
+
+
+def llava_onevision_video_pixels(frames: np.ndarray, model) -> tuple[torch.Tensor, int]:
+    """Pixel values and placeholder count for LLaVA-OneVision, as its video processor builds them.
+
+    Each frame is resized to the vision tower's square input (bicubic, antialiased), rescaled by
+    1/255 and normalized (CLIP mean/std unless the checkpoint says otherwise).
+
+    Returns:
+        ``(pixel_values_videos [1, T, 3, S, S], n_video_tokens)`` where ``n_video_tokens`` is
+        ``T * ceil(p / 2) ** 2 + 1`` for ``p = image_size // patch_size`` (2x2 pooling plus one
+        newline token).
+    """
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+        raise ValueError(f"expected frames [T, H, W, 3] with T >= 1, got {tuple(frames.shape)}.")
+    vision = model.config.vision_config
+    pre = _checkpoint_preprocessor(model)
+    size = vision.image_size
+    mean = tuple(pre.get("image_mean") or CLIP_MEAN)
+    std = tuple(pre.get("image_std") or CLIP_STD)
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    if video.shape[-2:] != (size, size):
+        video = F.interpolate(video, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        video = video.round().clamp(0, 255)
+    video = (video - torch.tensor(mean).view(1, 3, 1, 1) * 255.0) / (torch.tensor(std).view(1, 3, 1, 1) * 255.0)
+    p = size // vision.patch_size
+    n_tokens = video.shape[0] * math.ceil(p / 2) ** 2 + 1
+    return video.unsqueeze(0).contiguous(), n_tokens

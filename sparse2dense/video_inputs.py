@@ -1,9 +1,9 @@
 """From a prompt and decoded frames to the keyword arguments a Video-LLM's forward takes.
 
 With torchvision installed, the model's own processor builds the inputs (the reference). Without
-it, inputs for the Qwen2-VL family (Qwen2-VL, Qwen2.5-VL) are built here: frames through
-:func:`sparse2dense.prepare.qwen_video_pixels`, text through the chat format with one
-``<|video_pad|>`` per visual token.
+it, inputs for Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision are built here: frames through
+:mod:`sparse2dense.prepare`, text through the chat format with one placeholder token per visual
+token.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .prepare import QwenVideoSettings, qwen_video_pixels, torchvision_available
+from .prepare import QwenVideoSettings, llava_onevision_video_pixels, qwen_video_pixels, torchvision_available
 
 QWEN_OWN_PREP = ("qwen2_vl", "qwen2_5_vl")
+OWN_PREP = QWEN_OWN_PREP + ("llava_onevision",)
 
 
 def build_video_inputs(model, tokenizer_or_processor, frames: np.ndarray, prompt: str, fps: float | None = None) -> dict:
@@ -31,13 +32,15 @@ def build_video_inputs(model, tokenizer_or_processor, frames: np.ndarray, prompt
         kwargs = {"fps": fps} if fps else {}
         inputs = processor(text=[text], videos=[list(frames)], return_tensors="pt", **kwargs)
         return dict(inputs)
-    if model_type not in QWEN_OWN_PREP:
+    if model_type not in OWN_PREP:
         raise ValueError(
             f"preparing video inputs for {type(model).__name__} needs its transformers processor, which needs "
-            "torchvision (pip install torchvision); without it only Qwen2-VL and Qwen2.5-VL are prepared by "
-            "sparse2dense itself."
+            "torchvision (pip install torchvision); without it only Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision "
+            "are prepared by sparse2dense itself."
         )
     tokenizer = getattr(processor, "tokenizer", processor)
+    if model_type == "llava_onevision":
+        return _llava_onevision_inputs(model, tokenizer, frames, prompt)
     settings = QwenVideoSettings.from_model(model)
     pixels, grid = qwen_video_pixels(frames, settings)
     n_tokens = int(grid.prod()) // (settings.merge_size ** 2)
@@ -62,3 +65,16 @@ def build_video_inputs(model, tokenizer_or_processor, frames: np.ndarray, prompt
         step = settings.temporal_patch_size / (fps if fps else 2.0)
         inputs["second_per_grid_ts"] = torch.tensor([step])
     return inputs
+
+
+def _llava_onevision_inputs(model, tokenizer, frames: np.ndarray, prompt: str) -> dict:
+    pixels, n_tokens = llava_onevision_video_pixels(frames, model)
+    video_tok = tokenizer.convert_ids_to_tokens(model.config.video_token_index)
+    text = (f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{video_tok * n_tokens}\n"
+            f"{prompt}<|im_end|>\n<|im_start|>assistant\n")
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    n_found = int((enc["input_ids"] == model.config.video_token_index).sum())
+    if n_found != n_tokens:
+        raise ValueError(f"the tokenizer split the video placeholder into {n_found} tokens, expected {n_tokens}.")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "pixel_values_videos": pixels.to(model.dtype)}

@@ -107,3 +107,79 @@ def test_bad_video_file_is_one_line(tmp_path, content, fragment):
     proc = subprocess.run([*CLI, "generate", "--model", "smollm2-135m", "--video", str(path), "--prompt", "hi"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and fragment in proc.stderr, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_onevision_dir(tmp_path_factory):
+    from transformers import AutoTokenizer, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    from sparse2dense.models import cache_dir, load_demo_model
+
+    load_demo_model(log=lambda *a: None)
+    tok = AutoTokenizer.from_pretrained(cache_dir() / "smollm2-135m-instruct")
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    image_id, video_id = tok.convert_tokens_to_ids(["<image>", "<video>"])
+    torch.manual_seed(0)
+    cfg = LlavaOnevisionConfig(
+        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=8192, initializer_range=0.2),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=4),
+        image_token_index=image_id, video_token_index=video_id, vision_feature_layer=-1,
+        image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]])
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    folder = tmp_path_factory.mktemp("tiny-llava-onevision")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_onevision_video_pipeline_matches_generate(tiny_onevision_dir, tmp_path):
+    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+    import sparse2dense
+    from sparse2dense.video import read_video
+    from sparse2dense.video_inputs import build_video_inputs
+
+    clip = tmp_path / "clip.mp4"
+    encode_clip(clip, frames=16)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_onevision_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_onevision_dir)
+    inputs = build_video_inputs(model, tok, read_video(clip, num_frames=6).frames, "What moves?")
+    n_video = int((inputs["input_ids"] == model.config.video_token_index).sum())
+    assert n_video == 6 * 4 * 4 + 1  # 32 px / 4 px patches = 8x8 -> pooled 4x4 per frame, + newline
+    ref = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    for budget, gamma in ((48, 4), (100_000, 6)):
+        out = sparse2dense.generate(model, **inputs, max_new_tokens=16, budget=budget, gamma=gamma)
+        assert torch.equal(out.sequences, ref), (budget, gamma)
+        assert out.stats.n_visual == [n_video]
+    via = model.generate(**inputs, max_new_tokens=16, do_sample=False, custom_generate=sparse2dense.custom_generate,
+                         budget=48, gamma=4)
+    assert torch.equal(via, ref)
+
+
+def test_onevision_cli_compare(tiny_onevision_dir, tmp_path):
+    clip = tmp_path / "clip.webm"
+    import av
+
+    codec = "libvpx" if "libvpx" in av.codecs_available else None
+    if codec is None:
+        pytest.skip("no VP8 encoder in this PyAV build")
+    with av.open(str(clip), "w") as out:
+        stream = out.add_stream(codec, rate=5)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        for i in range(10):
+            img = np.full((32, 48, 3), 20 * i, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    proc = subprocess.run([*CLI, "generate", "--model", str(tiny_onevision_dir), "--video", str(clip), "--fps", "2",
+                           "--prompt", "Describe.", "--max-new-tokens", "12", "--budget", "40", "--gamma", "4",
+                           "--compare", "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["identical"] is True and result["stats"]["n_visual"][0] > 0
