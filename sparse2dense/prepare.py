@@ -155,3 +155,39 @@ def llava_onevision_video_pixels(frames: np.ndarray, model) -> tuple[torch.Tenso
     p = size // vision.patch_size
     n_tokens = video.shape[0] * math.ceil(p / 2) ** 2 + 1
     return video.unsqueeze(0).contiguous(), n_tokens
+
+
+def llava_next_video_pixels(frames: np.ndarray, model) -> tuple[torch.Tensor, int]:
+    """Pixel values and placeholder count for LLaVA-NeXT-Video, as its video processor builds them.
+
+    Each frame's shortest edge is resized to the target size (bicubic, antialiased, aspect kept),
+    then center-cropped to a square, rescaled by 1/255 and CLIP-normalized. Sizes come from the
+    checkpoint's preprocessor config when it has one, else from the vision tower's input size.
+
+    Returns:
+        ``(pixel_values_videos [1, T, 3, C, C], n_video_tokens)`` with
+        ``n_video_tokens = T * (C // patch) ** 2 // 4`` (2x2 average pooling per frame).
+    """
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+        raise ValueError(f"expected frames [T, H, W, 3] with T >= 1, got {tuple(frames.shape)}.")
+    vision = model.config.vision_config
+    pre = _checkpoint_preprocessor(model)
+    short = (pre.get("size") or {}).get("shortest_edge") or vision.image_size
+    crop = (pre.get("crop_size") or {}).get("height") or vision.image_size
+    mean = tuple(pre.get("image_mean") or CLIP_MEAN)
+    std = tuple(pre.get("image_std") or CLIP_STD)
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    h, w = video.shape[-2:]
+    if min(h, w) != short:
+        scale = short / min(h, w)
+        size = (short, int(w * scale)) if h <= w else (int(h * scale), short)
+        video = F.interpolate(video, size=size, mode="bicubic", antialias=True, align_corners=False)
+        video = video.round().clamp(0, 255)
+    h, w = video.shape[-2:]
+    top, left = (h - crop) // 2, (w - crop) // 2
+    if top < 0 or left < 0:
+        raise ValueError(f"frames of {w}x{h} are smaller than the {crop}x{crop} crop.")
+    video = video[..., top : top + crop, left : left + crop]
+    video = (video - torch.tensor(mean).view(1, 3, 1, 1) * 255.0) / (torch.tensor(std).view(1, 3, 1, 1) * 255.0)
+    n_tokens = video.shape[0] * ((crop // vision.patch_size) ** 2 // 4)
+    return video.unsqueeze(0).contiguous(), n_tokens

@@ -1,7 +1,7 @@
 """From a prompt and decoded frames to the keyword arguments a Video-LLM's forward takes.
 
 With torchvision installed, the model's own processor builds the inputs (the reference). Without
-it, inputs for Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision are built here: frames through
+it, inputs for Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision and LLaVA-NeXT-Video are built here: frames through
 :mod:`sparse2dense.prepare`, text through the chat format with one placeholder token per visual
 token.
 """
@@ -11,10 +11,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .prepare import QwenVideoSettings, llava_onevision_video_pixels, qwen_video_pixels, torchvision_available
+from .prepare import (
+    QwenVideoSettings,
+    llava_next_video_pixels,
+    llava_onevision_video_pixels,
+    qwen_video_pixels,
+    torchvision_available,
+)
 
 QWEN_OWN_PREP = ("qwen2_vl", "qwen2_5_vl")
-OWN_PREP = QWEN_OWN_PREP + ("llava_onevision",)
+OWN_PREP = QWEN_OWN_PREP + ("llava_onevision", "llava_next_video")
 
 
 def build_video_inputs(model, tokenizer_or_processor, frames: np.ndarray, prompt: str, fps: float | None = None) -> dict:
@@ -35,12 +41,14 @@ def build_video_inputs(model, tokenizer_or_processor, frames: np.ndarray, prompt
     if model_type not in OWN_PREP:
         raise ValueError(
             f"preparing video inputs for {type(model).__name__} needs its transformers processor, which needs "
-            "torchvision (pip install torchvision); without it only Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision "
-            "are prepared by sparse2dense itself."
+            "torchvision (pip install torchvision); without it only Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision and "
+            "LLaVA-NeXT-Video are prepared by sparse2dense itself."
         )
     tokenizer = getattr(processor, "tokenizer", processor)
     if model_type == "llava_onevision":
         return _llava_onevision_inputs(model, tokenizer, frames, prompt)
+    if model_type == "llava_next_video":
+        return _llava_next_video_inputs(model, tokenizer, frames, prompt)
     settings = QwenVideoSettings.from_model(model)
     pixels, grid = qwen_video_pixels(frames, settings)
     n_tokens = int(grid.prod()) // (settings.merge_size ** 2)
@@ -73,6 +81,18 @@ def _llava_onevision_inputs(model, tokenizer, frames: np.ndarray, prompt: str) -
     text = (f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{video_tok * n_tokens}\n"
             f"{prompt}<|im_end|>\n<|im_start|>assistant\n")
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    n_found = int((enc["input_ids"] == model.config.video_token_index).sum())
+    if n_found != n_tokens:
+        raise ValueError(f"the tokenizer split the video placeholder into {n_found} tokens, expected {n_tokens}.")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "pixel_values_videos": pixels.to(model.dtype)}
+
+
+def _llava_next_video_inputs(model, tokenizer, frames: np.ndarray, prompt: str) -> dict:
+    pixels, n_tokens = llava_next_video_pixels(frames, model)
+    video_tok = tokenizer.convert_ids_to_tokens(model.config.video_token_index)
+    text = f"USER: {video_tok * n_tokens}\n{prompt} ASSISTANT:"
+    enc = tokenizer(text, return_tensors="pt")
     n_found = int((enc["input_ids"] == model.config.video_token_index).sum())
     if n_found != n_tokens:
         raise ValueError(f"the tokenizer split the video placeholder into {n_found} tokens, expected {n_tokens}.")

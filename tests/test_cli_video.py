@@ -183,3 +183,42 @@ def test_onevision_cli_compare(tiny_onevision_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["identical"] is True and result["stats"]["n_visual"][0] > 0
+
+
+def test_next_video_pipeline_matches_generate(tmp_path):
+    from transformers import AutoTokenizer, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    import sparse2dense
+    from sparse2dense.models import cache_dir, load_demo_model
+    from sparse2dense.video import read_video
+    from sparse2dense.video_inputs import build_video_inputs
+
+    load_demo_model(log=lambda *a: None)
+    tok = AutoTokenizer.from_pretrained(cache_dir() / "smollm2-135m-instruct")
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    image_id, video_id = tok.convert_tokens_to_ids(["<image>", "<video>"])
+    torch.manual_seed(0)
+    cfg = LlavaNextVideoConfig(
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=8192, initializer_range=0.2),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=4, projection_dim=32),
+        image_token_index=image_id, video_token_index=video_id, vision_feature_layer=-1,
+        image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]])
+    model = LlavaNextVideoForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = tok.pad_token_id
+    clip = tmp_path / "clip.mp4"
+    encode_clip(clip, frames=12, width=64, height=48)  # 4:3, so the shortest-edge resize and crop both act
+    inputs = build_video_inputs(model, tok, read_video(clip, num_frames=4).frames, "What moves?")
+    assert inputs["pixel_values_videos"].shape == (1, 4, 3, 32, 32)
+    n_video = int((inputs["input_ids"] == video_id).sum())
+    assert n_video == 4 * (8 * 8 // 4)
+    ref = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    for budget, gamma in ((40, 4), (100_000, 6)):
+        out = sparse2dense.generate(model, **inputs, max_new_tokens=16, budget=budget, gamma=gamma)
+        assert torch.equal(out.sequences, ref), (budget, gamma)
+    via = model.generate(**inputs, max_new_tokens=16, do_sample=False, custom_generate=sparse2dense.custom_generate,
+                         budget=40, gamma=4)
+    assert torch.equal(via, ref)
