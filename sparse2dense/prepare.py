@@ -32,6 +32,8 @@ class QwenVideoSettings:
     max_pixels: int = 768 * 28 * 28
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    #: Qwen3-VL: the pixel range applies to all frames together, not to each frame
+    budget_over_frames: bool = False
 
     @classmethod
     def from_model(cls, model) -> "QwenVideoSettings":
@@ -43,6 +45,10 @@ class QwenVideoSettings:
         vision = model.config.vision_config
         settings = cls(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
                        temporal_patch_size=vision.temporal_patch_size)
+        if model.config.model_type == "qwen3_vl":
+            settings.min_pixels, settings.max_pixels = 128 * 32 * 32, 32 * 32 * 768
+            settings.mean = settings.std = (0.5, 0.5, 0.5)
+            settings.budget_over_frames = True
         folder = Path(str(getattr(model, "name_or_path", "") or ""))
         for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
             path = folder / name
@@ -77,6 +83,28 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+def smart_resize_frames(num_frames: int, height: int, width: int, temporal_factor: int, factor: int,
+                        min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen3-VL's variant of :func:`smart_resize`: the pixel range covers all frames together."""
+    if height < factor or width < factor:
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} is too extreme (max 200).")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    t_bar = round(num_frames / temporal_factor) * temporal_factor
+    if t_bar * h_bar * w_bar > max_pixels:
+        beta = math.sqrt((num_frames * height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif t_bar * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (num_frames * height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
 def qwen_video_pixels(frames: np.ndarray, settings: QwenVideoSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """Flattened patches and grid for one video.
 
@@ -92,7 +120,11 @@ def qwen_video_pixels(frames: np.ndarray, settings: QwenVideoSettings) -> tuple[
     s = settings
     video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # [T, 3, H, W] uint8
     height, width = video.shape[-2:]
-    rh, rw = smart_resize(height, width, s.patch_size * s.merge_size, s.min_pixels, s.max_pixels)
+    if s.budget_over_frames:
+        rh, rw = smart_resize_frames(max(video.shape[0], s.temporal_patch_size), height, width, s.temporal_patch_size,
+                                     s.patch_size * s.merge_size, s.min_pixels, s.max_pixels)
+    else:
+        rh, rw = smart_resize(height, width, s.patch_size * s.merge_size, s.min_pixels, s.max_pixels)
     if (rh, rw) != (height, width):
         video = F.interpolate(video.float(), size=(rh, rw), mode="bicubic", antialias=True, align_corners=False)
         video = video.round().clamp(0, 255)

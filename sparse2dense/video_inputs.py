@@ -1,7 +1,7 @@
 """From a prompt and decoded frames to the keyword arguments a Video-LLM's forward takes.
 
 With torchvision installed, the model's own processor builds the inputs (the reference). Without
-it, inputs for Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision and LLaVA-NeXT-Video are built here: frames through
+it, inputs for Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision and LLaVA-NeXT-Video are built here: frames through
 :mod:`sparse2dense.prepare`, text through the chat format with one placeholder token per visual
 token.
 """
@@ -19,16 +19,19 @@ from .prepare import (
     torchvision_available,
 )
 
-QWEN_OWN_PREP = ("qwen2_vl", "qwen2_5_vl")
+QWEN_OWN_PREP = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 OWN_PREP = QWEN_OWN_PREP + ("llava_onevision", "llava_next_video")
 
 
-def build_video_inputs(model, tokenizer_or_processor, frames: np.ndarray, prompt: str, fps: float | None = None) -> dict:
+def build_video_inputs(model, tokenizer_or_processor, frames: np.ndarray, prompt: str, fps: float | None = None,
+                       timestamps: list[float] | None = None) -> dict:
     """Model inputs (``input_ids``, ``attention_mask``, pixel tensors, grids, ...) for one video + prompt.
 
     Args:
         frames: uint8 ``[T, H, W, 3]``.
         fps: the rate the frames were sampled at (Qwen2.5-VL uses it for temporal positions).
+        timestamps: each frame's time in seconds (Qwen3-VL writes them into the prompt); default:
+            frame index / 24, as transformers' processor assumes without metadata.
     """
     model_type = model.config.model_type
     processor = tokenizer_or_processor
@@ -41,8 +44,8 @@ def build_video_inputs(model, tokenizer_or_processor, frames: np.ndarray, prompt
     if model_type not in OWN_PREP:
         raise ValueError(
             f"preparing video inputs for {type(model).__name__} needs its transformers processor, which needs "
-            "torchvision (pip install torchvision); without it only Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision and "
-            "LLaVA-NeXT-Video are prepared by sparse2dense itself."
+            "torchvision (pip install torchvision); without it only Qwen2-VL, Qwen2.5-VL, Qwen3-VL, "
+            "LLaVA-OneVision and LLaVA-NeXT-Video are prepared by sparse2dense itself."
         )
     tokenizer = getattr(processor, "tokenizer", processor)
     if model_type == "llava_onevision":
@@ -55,7 +58,17 @@ def build_video_inputs(model, tokenizer_or_processor, frames: np.ndarray, prompt
     cfg = model.config
     start, pad, end = (tokenizer.convert_ids_to_tokens(i) for i in
                        (cfg.vision_start_token_id, cfg.video_token_id, cfg.vision_end_token_id))
-    text = (f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{start}{pad * n_tokens}{end}"
+    if model_type == "qwen3_vl":
+        # one "<t seconds>" block per temporal patch, as Qwen3-VL's processor writes it
+        stamps = list(timestamps) if timestamps is not None else [i / 24.0 for i in range(len(frames))]
+        step = settings.temporal_patch_size
+        stamps += [stamps[-1]] * (-len(stamps) % step)
+        per_patch = [(stamps[i] + stamps[i + step - 1]) / 2 for i in range(0, len(stamps), step)]
+        frame_tokens = n_tokens // int(grid[0, 0])
+        video_text = "".join(f"<{t:.1f} seconds>{start}{pad * frame_tokens}{end}" for t in per_patch)
+    else:
+        video_text = f"{start}{pad * n_tokens}{end}"
+    text = (f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{video_text}"
             f"{prompt}<|im_end|>\n<|im_start|>assistant\n")
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     input_ids = enc["input_ids"]
