@@ -265,3 +265,43 @@ def test_qwen3_vl_video_pipeline_matches_generate(tmp_path):
     via = model.generate(**inputs, max_new_tokens=16, do_sample=False, custom_generate=sparse2dense.custom_generate,
                          budget=60, gamma=4)
     assert torch.equal(via, ref)
+
+
+def test_qwen2_5_vl_video_pipeline_matches_generate(tmp_path):
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    import sparse2dense
+    from sparse2dense.models import cache_dir, load_demo_model
+    from sparse2dense.video import read_video
+    from sparse2dense.video_inputs import build_video_inputs
+
+    load_demo_model(log=lambda *a: None)
+    tok = AutoTokenizer.from_pretrained(cache_dir() / "smollm2-135m-instruct")
+    names = ["<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>"]
+    tok.add_special_tokens({"additional_special_tokens": names})
+    v_start, v_end, vid, img = tok.convert_tokens_to_ids(names)
+    torch.manual_seed(0)
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                         initializer_range=0.2,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=64,
+                           window_size=16, fullatt_block_indexes=[0]),
+        image_token_id=img, video_token_id=vid, vision_start_token_id=v_start, vision_end_token_id=v_end)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = tok.pad_token_id
+    clip = tmp_path / "clip.mp4"
+    encode_clip(clip, frames=12)
+    video = read_video(clip, fps=2.0)
+    inputs = build_video_inputs(model, tok, video.frames, "What moves?", fps=2.0)
+    assert inputs["second_per_grid_ts"].tolist() == [1.0]  # 2 frames per temporal patch at 2 fps
+    ref = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    for budget, gamma in ((50, 4), (100_000, 6)):
+        out = sparse2dense.generate(model, **inputs, max_new_tokens=16, budget=budget, gamma=gamma)
+        assert torch.equal(out.sequences, ref), (budget, gamma)
+    via = model.generate(**inputs, max_new_tokens=16, do_sample=False, custom_generate=sparse2dense.custom_generate,
+                         budget=50, gamma=4)
+    assert torch.equal(via, ref)
