@@ -15,6 +15,21 @@ import torch
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "sparse2dense.cli"]
 
+QWEN_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>"]
+MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+
+
+def qwen_text(tok) -> dict:
+    return dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, initializer_range=0.2)
+
+
+def finish(model, tok):
+    model = model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model
+
 
 def encode_clip(path, frames=12, width=64, height=48):
     import av
@@ -30,6 +45,33 @@ def encode_clip(path, frames=12, width=64, height=48):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
+
+
+def demo_tokenizer_with(names: list[str]):
+    """The real SmolLM2 tokenizer (cached by the demo loader) plus the given special tokens and their ids."""
+    from transformers import AutoTokenizer
+
+    from sparse2dense.models import cache_dir, load_demo_model
+
+    load_demo_model(log=lambda *a: None)
+    tok = AutoTokenizer.from_pretrained(cache_dir() / "smollm2-135m-instruct")
+    tok.add_special_tokens({"additional_special_tokens": names})
+    return tok, tok.convert_tokens_to_ids(names)
+
+
+def assert_parity_both_ways(model, inputs, budgets_gammas, max_new_tokens=16):
+    """sparse2dense.generate and custom_generate give model.generate's exact tokens."""
+    import sparse2dense
+
+    ref = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    for budget, gamma in budgets_gammas:
+        out = sparse2dense.generate(model, **inputs, max_new_tokens=max_new_tokens, budget=budget, gamma=gamma)
+        assert torch.equal(out.sequences, ref), (budget, gamma)
+    budget, gamma = budgets_gammas[0]
+    via = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                         custom_generate=sparse2dense.custom_generate, budget=budget, gamma=gamma)
+    assert torch.equal(via, ref)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -225,83 +267,48 @@ def test_next_video_pipeline_matches_generate(tmp_path):
 
 
 def test_qwen3_vl_video_pipeline_matches_generate(tmp_path):
-    from transformers import AutoTokenizer, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    import sparse2dense
-    from sparse2dense.models import cache_dir, load_demo_model
     from sparse2dense.video import read_video
     from sparse2dense.video_inputs import build_video_inputs
 
-    load_demo_model(log=lambda *a: None)
-    tok = AutoTokenizer.from_pretrained(cache_dir() / "smollm2-135m-instruct")
-    names = ["<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>"]
-    tok.add_special_tokens({"additional_special_tokens": names})
-    v_start, v_end, vid, img = tok.convert_tokens_to_ids(names)
+    tok, (v_start, v_end, vid, img) = demo_tokenizer_with(QWEN_TOKENS)
     torch.manual_seed(0)
     cfg = Qwen3VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192,
-                         initializer_range=0.2,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
-                                          "mrope_interleaved": True}),
+        text_config=dict(qwen_text(tok), head_dim=16,
+                         rope_parameters={**MROPE, "mrope_interleaved": True}),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
                            spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=64,
                            num_position_embeddings=16, deepstack_visual_indexes=[0]),
         image_token_id=img, video_token_id=vid, vision_start_token_id=v_start, vision_end_token_id=v_end)
-    model = Qwen3VLForConditionalGeneration(cfg).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = tok.pad_token_id
+    model = finish(Qwen3VLForConditionalGeneration(cfg), tok)
     clip = tmp_path / "clip.mp4"
     encode_clip(clip, frames=12)
     video = read_video(clip, num_frames=4)
     inputs = build_video_inputs(model, tok, video.frames, "What moves?", timestamps=video.timestamps)
-    text = tok.decode(inputs["input_ids"][0])
-    assert text.count(" seconds>") == 2  # 4 frames -> 2 temporal patches, one timestamp each
-    ref = model.generate(**inputs, max_new_tokens=16, do_sample=False)
-    for budget, gamma in ((60, 4), (100_000, 6)):
-        out = sparse2dense.generate(model, **inputs, max_new_tokens=16, budget=budget, gamma=gamma)
-        assert torch.equal(out.sequences, ref), (budget, gamma)
-        assert out.stats.n_visual == [int((inputs["input_ids"] == vid).sum())]
-    via = model.generate(**inputs, max_new_tokens=16, do_sample=False, custom_generate=sparse2dense.custom_generate,
-                         budget=60, gamma=4)
-    assert torch.equal(via, ref)
+    assert tok.decode(inputs["input_ids"][0]).count(" seconds>") == 2  # 4 frames -> 2 temporal patches
+    out = assert_parity_both_ways(model, inputs, [(60, 4), (100_000, 6)])
+    assert out.stats.n_visual == [int((inputs["input_ids"] == vid).sum())]
 
 
 def test_qwen2_5_vl_video_pipeline_matches_generate(tmp_path):
-    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    import sparse2dense
-    from sparse2dense.models import cache_dir, load_demo_model
     from sparse2dense.video import read_video
     from sparse2dense.video_inputs import build_video_inputs
 
-    load_demo_model(log=lambda *a: None)
-    tok = AutoTokenizer.from_pretrained(cache_dir() / "smollm2-135m-instruct")
-    names = ["<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>"]
-    tok.add_special_tokens({"additional_special_tokens": names})
-    v_start, v_end, vid, img = tok.convert_tokens_to_ids(names)
+    tok, (v_start, v_end, vid, img) = demo_tokenizer_with(QWEN_TOKENS)
     torch.manual_seed(0)
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-                         initializer_range=0.2,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+        text_config=dict(qwen_text(tok), rope_parameters=MROPE),
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
                            spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=64,
                            window_size=16, fullatt_block_indexes=[0]),
         image_token_id=img, video_token_id=vid, vision_start_token_id=v_start, vision_end_token_id=v_end)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = tok.pad_token_id
+    model = finish(Qwen2_5_VLForConditionalGeneration(cfg), tok)
     clip = tmp_path / "clip.mp4"
     encode_clip(clip, frames=12)
     video = read_video(clip, fps=2.0)
     inputs = build_video_inputs(model, tok, video.frames, "What moves?", fps=2.0)
     assert inputs["second_per_grid_ts"].tolist() == [1.0]  # 2 frames per temporal patch at 2 fps
-    ref = model.generate(**inputs, max_new_tokens=16, do_sample=False)
-    for budget, gamma in ((50, 4), (100_000, 6)):
-        out = sparse2dense.generate(model, **inputs, max_new_tokens=16, budget=budget, gamma=gamma)
-        assert torch.equal(out.sequences, ref), (budget, gamma)
-    via = model.generate(**inputs, max_new_tokens=16, do_sample=False, custom_generate=sparse2dense.custom_generate,
-                         budget=50, gamma=4)
-    assert torch.equal(via, ref)
+    assert_parity_both_ways(model, inputs, [(50, 4), (100_000, 6)])
