@@ -115,6 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_std_args(demo, gamma_default=6)
     demo.add_argument("--json", action="store_true", help="print one JSON document instead of text")
 
+    bench = sub.add_parser(
+        "bench", help="measure dense baselines and StD side by side on real weights (the README table)",
+        description="Runs transformers generate (static cache), the sparse2dense dense loop and Sparse-to-Dense "
+                    "on SmolLM2-135M with real text, in one process on identical inputs, and prints decode-phase "
+                    "ms per step, the speedup over the fastest dense baseline, acceptance and token identity. "
+                    "Step-level costs: python -m sparse2dense.bench.steps.",
+    )
+    bench.add_argument("--scenarios", default="1x8000,8x6000",
+                       help="comma-separated BATCHxCONTEXT settings (default: 1x8000,8x6000)")
+    bench.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=64,
+                       help="tokens per row (default: 64)")
+    bench.add_argument("--budget", type=_positive("--budget"), default=1024, help="drafter budget (default: 1024)")
+    bench.add_argument("--gamma", type=_non_negative("--gamma"), default=6, help="draft tokens per round (default: 6)")
+    bench.add_argument("--json-out", default=None, help="also write the full results as JSON to this file")
+
     gen = sub.add_parser(
         "generate", help="generate text with any supported model",
         description="Generate with Sparse-to-Dense decoding. The prompt is the optional context file followed by "
@@ -223,6 +238,23 @@ def cmd_demo(args) -> int:
                           "policy": cfg.policy, "threads": _threads(), "scenarios": [r.to_dict() for r in results]},
                          indent=2))
     return 0 if all(r.identical for r in results) else 1
+
+
+def cmd_bench(args) -> int:
+    import re
+
+    from .bench import speed
+
+    if not re.fullmatch(r"\s*\d+x\d+\s*(,\s*\d+x\d+\s*)*", args.scenarios):
+        raise UserError(f"--scenarios must look like 1x8000,8x6000; got {args.scenarios!r}")
+    if any(int(part.split("x")[0]) < 1 or int(part.split("x")[1]) < 16 for part in args.scenarios.split(",")):
+        raise UserError("--scenarios needs batch >= 1 and context >= 16")
+    _quiet_transformers()
+    argv = ["--scenarios", args.scenarios, "--max-new-tokens", str(args.max_new_tokens), "--budget", str(args.budget),
+            "--gamma", str(args.gamma)]
+    if args.json_out:
+        argv += ["--json-out", args.json_out]
+    return speed.main(argv)
 
 
 def _threads() -> int:
@@ -381,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "bench":
+            return cmd_bench(args)
         return cmd_generate(args)
     except (UserError, ModelLoadError, UnsupportedModelError, ValueError) as exc:
         print(f"sparse2dense: error: {exc}", file=sys.stderr)

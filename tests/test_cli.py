@@ -128,3 +128,18 @@ def test_generate_stream_and_sampling():
 def test_bad_sampling_and_stream_options(args, fragment):
     proc = run("generate", "--model", "smollm2-135m", "--prompt", "hi", *args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and fragment in proc.stderr, proc.stderr
+
+
+def test_bench_rejects_bad_scenarios():
+    proc = run("bench", "--scenarios", "1x")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--scenarios" in proc.stderr
+
+
+@pytest.mark.slow
+def test_bench_small_table(tmp_path):
+    out = tmp_path / "speed.json"
+    proc = run("bench", "--scenarios", "1x300", "--max-new-tokens", "6", "--json-out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "speedup vs fastest dense" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["scenarios"][0]["identical"] is True
