@@ -95,17 +95,6 @@ def sparse2dense_attention(module, query, key, value, attention_mask, scaling=No
 AttentionInterface.register(ATTN_NAME, sparse2dense_attention)
 
 
-def _language_model_configs(model):
-    """The config objects read by the attention modules that own the KV cache.
-
-    For a text LLM that is ``model.config``; for a vision-language model only its text config: the
-    vision encoder keeps its own attention implementation.
-    """
-    config = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return [text]
-
-
 @contextlib.contextmanager
 def attention_routed(model):
     """Route the model's attention through sparse2dense for the duration of the block.
@@ -114,12 +103,12 @@ def attention_routed(model):
     configured implementation (sdpa, eager, ...) is restored on exit, so the user's model behaves
     exactly as before outside sparse2dense calls.
     """
-    configs = _language_model_configs(model)
-    saved = [cfg._attn_implementation_internal for cfg in configs]
+    # The attention modules that own the KV cache read the text config (the model's own config for
+    # a text LLM); a vision encoder reads its own config and is left alone.
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    saved = config._attn_implementation_internal
     try:
-        for cfg in configs:
-            cfg._attn_implementation_internal = ATTN_NAME
+        config._attn_implementation_internal = ATTN_NAME
         yield
     finally:
-        for cfg, value in zip(configs, saved):
-            cfg._attn_implementation_internal = value
+        config._attn_implementation_internal = saved

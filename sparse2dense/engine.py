@@ -104,6 +104,7 @@ class _Run:
         progress: Callable[[str, int, int], None] | None,
         do_sample: bool = False,
         generator: torch.Generator | None = None,
+        prompt_position_ids: torch.Tensor | None = None,
     ):
         self.model = model
         self.adapter = adapter
@@ -112,7 +113,7 @@ class _Run:
         self.input_ids = input_ids
         self.batch, self.prompt_len = input_ids.shape
         self.max_new = max_new_tokens
-        self.eos = torch.tensor(eos_ids, dtype=torch.long, device=self.device) if eos_ids else None
+        self.eos_ids = set(eos_ids)
         self.pad_id = pad_id
         self.processors = logits_processor if logits_processor else None
         self.stopping = stopping_criteria if stopping_criteria else None
@@ -128,6 +129,7 @@ class _Run:
         self.valid = valid
         self.attention_mask = attention_mask
         self.pad = (~valid).sum(dim=1)  # [B] left padding per row
+        self.no_pad = bool((self.pad == 0).all())
         if context_mask is not None:
             self.candidates = context_mask.to(self.device).bool() & valid
         else:
@@ -145,7 +147,7 @@ class _Run:
         )
         self.cache = BufferCache(adapter.num_layers)
         self.selection: Selection | None = None
-        self.prompt_position_ids: torch.Tensor | None = None  # as prepared by generate(), if given
+        self.prompt_position_ids = prompt_position_ids  # as prepared by generate(), if given
 
         # Output tokens: seq[b, :prompt_len + n_gen[b]] is row b's prefix so far.
         self.seq = torch.full((self.batch, capacity), pad_id, dtype=torch.long, device=self.device)
@@ -184,7 +186,7 @@ class _Run:
             )
         return out.logits.float()
 
-    def _masks(self, lo, q_cols, span, hole=None, as_bool=False):
+    def _masks(self, lo, q_cols, span, hole=None):
         mask = build_mask(lo, q_cols, span, hole=hole)
         sliding = None
         if self.window is not None and self.window < span:
@@ -204,14 +206,13 @@ class _Run:
             )
         self.capture = capture
         chunk = p if not self.adapter.chunked_prefill else self.cfg.prefill_chunk
-        no_pad = bool((self.pad == 0).all())
         cols = torch.arange(p, device=self.device)
         positions = (cols.unsqueeze(0) - self.pad.unsqueeze(1)).clamp(min=0)  # [B, P]
         logits = None
         for start in range(0, p, chunk):
             end = min(p, start + chunk)
             t = end - start
-            causal = no_pad and start == 0 and (self.window is None or self.window >= end)
+            causal = self.no_pad and start == 0 and (self.window is None or self.window >= end)
             mask = sliding = None
             if not causal:
                 q_cols = cols[start:end].unsqueeze(0).expand(b, t)
@@ -291,8 +292,11 @@ class _Run:
             )
             positions = (self.dense_len - self.pad + i).unsqueeze(1)
             logits = self._forward(plan, tok.unsqueeze(1), positions, False)
-            prefix = torch.stack(drafts, dim=1) if drafts else tok.new_zeros(b, 0)
-            scores = self._process(logits, prefix, draft_offset=True)[:, 0]
+            if self.processors is not None:
+                prefix = torch.stack(drafts, dim=1) if drafts else tok.new_zeros(b, 0)
+                scores = self._process(logits, prefix, draft_offset=True)[:, 0]
+            else:
+                scores = logits[:, 0]
             if self.do_sample:
                 probs = torch.softmax(scores, dim=-1)
                 q.append(probs)
@@ -316,8 +320,7 @@ class _Run:
         q_cols = col.unsqueeze(1) + torch.arange(t, device=self.device)
         span = int(col.max()) + t
         uniform = b == 1 or bool((col == col[0]).all())
-        no_pad = bool((self.pad == 0).all())
-        if uniform and no_pad and t == 1 and (self.window is None or self.window >= span):
+        if uniform and self.no_pad and t == 1 and (self.window is None or self.window >= span):
             mask = sliding = None
         else:
             mask, sliding = self._masks(self.pad, q_cols, span)
@@ -385,7 +388,7 @@ class _Run:
                 kept += 1
                 if self.finished[row]:
                     continue  # finished without padding: keeps generating real tokens
-                hit_eos = bool(self._eos_set) and tok in self._eos_set
+                hit_eos = tok in self.eos_ids
                 hit_stop = (not hit_eos and self.stopping is not None
                             and bool(self.stopping(self.seq[row : row + 1, : start + kept], None).any()))
                 if hit_eos or hit_stop:
@@ -406,12 +409,6 @@ class _Run:
         if self.streamer is not None and appended[0] > 0:
             self.streamer.put(block_host[0, : int(appended[0])])
         return appended
-
-    @property
-    def _eos_set(self) -> set[int]:
-        if not hasattr(self, "_eos_cache"):
-            self._eos_cache = set(self.eos.tolist()) if self.eos is not None else set()
-        return self._eos_cache
 
     # ----------------------------------------------------------------------------- the loop
     def snapshot(self) -> dict:
@@ -480,10 +477,11 @@ class _Run:
             block = torch.cat([drafts, bonus.unsqueeze(1)], dim=1)
             block.scatter_(1, n_acc.unsqueeze(1), bonus.unsqueeze(1))
             was_active = self.active.clone()
-            appended = self._commit(block, n_acc.cpu() + 1)
+            n_acc_host = n_acc.cpu()
+            appended = self._commit(block, n_acc_host + 1)
             self._advance(n_acc, bonus, g)
             # statistics: verification outcomes per position, committed tokens per row-round
-            n_acc_host = n_acc.cpu()[was_active]
+            n_acc_host = n_acc_host[was_active]
             n_active = int(was_active.sum())
             self.stats.rounds += 1
             self.row_rounds += n_active
@@ -598,14 +596,7 @@ def generate(
     cfg = config if config is not None else StdConfig(budget=budget, gamma=gamma)
     adapter = get_adapter(model)
     input_ids, attention_mask = _check_inputs(input_ids, attention_mask, max_new_tokens, adapter)
-    gen_cfg = getattr(model, "generation_config", None)
-    if eos_token_id is None and gen_cfg is not None:
-        eos_token_id = gen_cfg.eos_token_id
-    eos_ids = _as_id_list(eos_token_id)
-    if pad_token_id is None:
-        pad_token_id = getattr(gen_cfg, "pad_token_id", None) if gen_cfg is not None else None
-    if pad_token_id is None:
-        pad_token_id = eos_ids[0] if eos_ids else 0
+    eos_ids, pad_token_id = resolve_special_tokens(model, eos_token_id, pad_token_id)
     if context_mask is not None and tuple(context_mask.shape) != tuple(input_ids.shape):
         raise ValueError(
             f"context_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(context_mask.shape)}."
@@ -630,9 +621,8 @@ def generate(
     run = _Run(
         model, adapter, cfg, input_ids, attention_mask, max_new_tokens, eos_ids, int(pad_token_id), context_mask,
         logits_processor, stopping_criteria, streamer, model_inputs, progress, do_sample=do_sample,
-        generator=generator,
+        generator=generator, prompt_position_ids=prompt_position_ids,
     )
-    run.prompt_position_ids = prompt_position_ids
     with torch.inference_mode(), attention_routed(model):
         run.prefill()
         if cfg.gamma > 0 and bool(run.active.any()):
@@ -643,6 +633,20 @@ def generate(
     out = run.output()
     out.stats.time_total = time.perf_counter() - t_total
     return out
+
+
+def resolve_special_tokens(model, eos_token_id=None, pad_token_id=None) -> tuple[list[int], int]:
+    """EOS ids and pad id: the given ones, else the model's generation config; pad falls back to
+    the first EOS, else 0."""
+    gen_cfg = getattr(model, "generation_config", None)
+    if eos_token_id is None and gen_cfg is not None:
+        eos_token_id = gen_cfg.eos_token_id
+    eos_ids = _as_id_list(eos_token_id)
+    if pad_token_id is None and gen_cfg is not None:
+        pad_token_id = gen_cfg.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = eos_ids[0] if eos_ids else 0
+    return eos_ids, int(pad_token_id)
 
 
 def _default_processors(model, input_ids, do_sample: bool, **settings):

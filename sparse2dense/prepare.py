@@ -21,6 +21,38 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def _frames_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 ``[T, H, W, 3]`` frames as a float tensor ``[T, 3, H, W]`` (values 0..255)."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+        raise ValueError(f"expected frames [T, H, W, 3] with T >= 1, got {tuple(frames.shape)}.")
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+
+
+def _resize(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bicubic, antialiased resize of ``[T, 3, H, W]`` with uint8 rounding, as the processors do."""
+    if tuple(video.shape[-2:]) == (height, width):
+        return video
+    video = F.interpolate(video, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+    return video.round().clamp(0, 255)
+
+
+def _normalize(video: torch.Tensor, mean, std) -> torch.Tensor:
+    """Rescale by 1/255 and normalize, fused as transformers' processors do."""
+    return (video - torch.tensor(mean).view(1, 3, 1, 1) * 255.0) / (torch.tensor(std).view(1, 3, 1, 1) * 255.0)
+
+
+def _checkpoint_preprocessor(model) -> dict:
+    """The checkpoint's video (or general) preprocessor config, or {} when it has none."""
+    import json
+    from pathlib import Path
+
+    folder = Path(str(getattr(model, "name_or_path", "") or ""))
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        if (folder / name).is_file():
+            return json.loads((folder / name).read_text())
+    return {}
+
+
 @dataclass(slots=True)
 class QwenVideoSettings:
     """Preprocessing constants of Qwen2-VL / Qwen2.5-VL (their processors' defaults)."""
@@ -39,9 +71,6 @@ class QwenVideoSettings:
     def from_model(cls, model) -> "QwenVideoSettings":
         """Patch sizes from the model config; pixel budget, mean and std from the checkpoint's
         ``video_preprocessor_config.json`` / ``preprocessor_config.json`` when it has one."""
-        import json
-        from pathlib import Path
-
         vision = model.config.vision_config
         settings = cls(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
                        temporal_patch_size=vision.temporal_patch_size)
@@ -49,20 +78,13 @@ class QwenVideoSettings:
             settings.min_pixels, settings.max_pixels = 128 * 32 * 32, 32 * 32 * 768
             settings.mean = settings.std = (0.5, 0.5, 0.5)
             settings.budget_over_frames = True
-        folder = Path(str(getattr(model, "name_or_path", "") or ""))
-        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-            path = folder / name
-            if not path.is_file():
-                continue
-            data = json.loads(path.read_text())
+        data = _checkpoint_preprocessor(model)
+        if data:
             size = data.get("size") or {}
             settings.min_pixels = int(data.get("min_pixels") or size.get("shortest_edge") or settings.min_pixels)
             settings.max_pixels = int(data.get("max_pixels") or size.get("longest_edge") or settings.max_pixels)
-            if data.get("image_mean"):
-                settings.mean = tuple(data["image_mean"])
-            if data.get("image_std"):
-                settings.std = tuple(data["image_std"])
-            break
+            settings.mean = tuple(data.get("image_mean") or settings.mean)
+            settings.std = tuple(data.get("image_std") or settings.std)
         return settings
 
 
@@ -115,23 +137,15 @@ def qwen_video_pixels(frames: np.ndarray, settings: QwenVideoSettings) -> tuple[
         ``(pixel_values_videos [grid_t * grid_h * grid_w, 3 * temporal_patch * patch * patch],
         video_grid_thw [1, 3])``.
     """
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
-        raise ValueError(f"expected frames [T, H, W, 3] with T >= 1, got {tuple(frames.shape)}.")
     s = settings
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # [T, 3, H, W] uint8
+    video = _frames_tensor(frames)
     height, width = video.shape[-2:]
     if s.budget_over_frames:
         rh, rw = smart_resize_frames(max(video.shape[0], s.temporal_patch_size), height, width, s.temporal_patch_size,
                                      s.patch_size * s.merge_size, s.min_pixels, s.max_pixels)
     else:
         rh, rw = smart_resize(height, width, s.patch_size * s.merge_size, s.min_pixels, s.max_pixels)
-    if (rh, rw) != (height, width):
-        video = F.interpolate(video.float(), size=(rh, rw), mode="bicubic", antialias=True, align_corners=False)
-        video = video.round().clamp(0, 255)
-    video = video.float()
-    mean = torch.tensor(s.mean).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(s.std).view(1, 3, 1, 1) * 255.0
-    video = (video - mean) / std  # rescale by 1/255 and normalize, fused
+    video = _normalize(_resize(video, rh, rw), s.mean, s.std)
     if pad := -video.shape[0] % s.temporal_patch_size:
         video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)], dim=0)
     t = video.shape[0]
@@ -149,18 +163,6 @@ def torchvision_available() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 
 
-def _checkpoint_preprocessor(model) -> dict:
-    """The checkpoint's video (or general) preprocessor config, or {} when it has none."""
-    import json
-    from pathlib import Path
-
-    folder = Path(str(getattr(model, "name_or_path", "") or ""))
-    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-        if (folder / name).is_file():
-            return json.loads((folder / name).read_text())
-    return {}
-
-
 def llava_onevision_video_pixels(frames: np.ndarray, model) -> tuple[torch.Tensor, int]:
     """Pixel values and placeholder count for LLaVA-OneVision, as its video processor builds them.
 
@@ -172,18 +174,11 @@ def llava_onevision_video_pixels(frames: np.ndarray, model) -> tuple[torch.Tenso
         ``T * ceil(p / 2) ** 2 + 1`` for ``p = image_size // patch_size`` (2x2 pooling plus one
         newline token).
     """
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
-        raise ValueError(f"expected frames [T, H, W, 3] with T >= 1, got {tuple(frames.shape)}.")
     vision = model.config.vision_config
     pre = _checkpoint_preprocessor(model)
     size = vision.image_size
-    mean = tuple(pre.get("image_mean") or CLIP_MEAN)
-    std = tuple(pre.get("image_std") or CLIP_STD)
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    if video.shape[-2:] != (size, size):
-        video = F.interpolate(video, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-        video = video.round().clamp(0, 255)
-    video = (video - torch.tensor(mean).view(1, 3, 1, 1) * 255.0) / (torch.tensor(std).view(1, 3, 1, 1) * 255.0)
+    video = _resize(_frames_tensor(frames), size, size)
+    video = _normalize(video, pre.get("image_mean") or CLIP_MEAN, pre.get("image_std") or CLIP_STD)
     p = size // vision.patch_size
     n_tokens = video.shape[0] * math.ceil(p / 2) ** 2 + 1
     return video.unsqueeze(0).contiguous(), n_tokens
@@ -200,26 +195,20 @@ def llava_next_video_pixels(frames: np.ndarray, model) -> tuple[torch.Tensor, in
         ``(pixel_values_videos [1, T, 3, C, C], n_video_tokens)`` with
         ``n_video_tokens = T * (C // patch) ** 2 // 4`` (2x2 average pooling per frame).
     """
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
-        raise ValueError(f"expected frames [T, H, W, 3] with T >= 1, got {tuple(frames.shape)}.")
     vision = model.config.vision_config
     pre = _checkpoint_preprocessor(model)
     short = (pre.get("size") or {}).get("shortest_edge") or vision.image_size
     crop = (pre.get("crop_size") or {}).get("height") or vision.image_size
-    mean = tuple(pre.get("image_mean") or CLIP_MEAN)
-    std = tuple(pre.get("image_std") or CLIP_STD)
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    video = _frames_tensor(frames)
     h, w = video.shape[-2:]
     if min(h, w) != short:
         scale = short / min(h, w)
-        size = (short, int(w * scale)) if h <= w else (int(h * scale), short)
-        video = F.interpolate(video, size=size, mode="bicubic", antialias=True, align_corners=False)
-        video = video.round().clamp(0, 255)
+        video = _resize(video, *((short, int(w * scale)) if h <= w else (int(h * scale), short)))
     h, w = video.shape[-2:]
     top, left = (h - crop) // 2, (w - crop) // 2
     if top < 0 or left < 0:
         raise ValueError(f"frames of {w}x{h} are smaller than the {crop}x{crop} crop.")
     video = video[..., top : top + crop, left : left + crop]
-    video = (video - torch.tensor(mean).view(1, 3, 1, 1) * 255.0) / (torch.tensor(std).view(1, 3, 1, 1) * 255.0)
+    video = _normalize(video, pre.get("image_mean") or CLIP_MEAN, pre.get("image_std") or CLIP_STD)
     n_tokens = video.shape[0] * ((crop // vision.patch_size) ** 2 // 4)
     return video.unsqueeze(0).contiguous(), n_tokens

@@ -153,13 +153,12 @@ def build_draft_cache(
     draft = KVBuffer.empty(n_layers, b, hkv, base + extra_capacity, d, dense.k.dtype, dense.k.device)
     if base == 0:
         return Selection(draft, n_sel, base, n_cand)
-    recency = torch.arange(prompt_len, device=keep.device, dtype=torch.float32).expand(b, hkv, prompt_len)
     for layer in range(n_layers):
         keys = dense.k[layer][:, :, :prompt_len]
         if policy == "paper" and capture is not None:
             score = attention_scores(capture.store[layer], keys, capture.q_cols, lo, scaling)
-        else:
-            score = recency.clone()
+        else:  # recency: the latest candidates score highest
+            score = torch.arange(prompt_len, device=keep.device, dtype=torch.float32).repeat(b, hkv, 1)
         score.masked_fill_(~candidates.unsqueeze(1), float("-inf"))
         score.masked_fill_(keep.unsqueeze(1), float("inf"))
         # Descending order puts kept entries first, then the best candidates; the first n_sel[b]

@@ -70,11 +70,8 @@ def build_video_inputs(model, tokenizer_or_processor, frames: np.ndarray, prompt
         video_text = f"{start}{pad * n_tokens}{end}"
     text = (f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{video_text}"
             f"{prompt}<|im_end|>\n<|im_start|>assistant\n")
-    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    enc = _encode(tokenizer, text, cfg.video_token_id, n_tokens, add_special_tokens=False)
     input_ids = enc["input_ids"]
-    n_found = int((input_ids == cfg.video_token_id).sum())
-    if n_found != n_tokens:
-        raise ValueError(f"the tokenizer split the video placeholder into {n_found} tokens, expected {n_tokens}.")
     inputs = {
         "input_ids": input_ids,
         "attention_mask": enc["attention_mask"],
@@ -93,10 +90,7 @@ def _llava_onevision_inputs(model, tokenizer, frames: np.ndarray, prompt: str) -
     video_tok = tokenizer.convert_ids_to_tokens(model.config.video_token_index)
     text = (f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{video_tok * n_tokens}\n"
             f"{prompt}<|im_end|>\n<|im_start|>assistant\n")
-    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    n_found = int((enc["input_ids"] == model.config.video_token_index).sum())
-    if n_found != n_tokens:
-        raise ValueError(f"the tokenizer split the video placeholder into {n_found} tokens, expected {n_tokens}.")
+    enc = _encode(tokenizer, text, model.config.video_token_index, n_tokens, add_special_tokens=False)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
             "pixel_values_videos": pixels.to(model.dtype)}
 
@@ -105,9 +99,15 @@ def _llava_next_video_inputs(model, tokenizer, frames: np.ndarray, prompt: str) 
     pixels, n_tokens = llava_next_video_pixels(frames, model)
     video_tok = tokenizer.convert_ids_to_tokens(model.config.video_token_index)
     text = f"USER: {video_tok * n_tokens}\n{prompt} ASSISTANT:"
-    enc = tokenizer(text, return_tensors="pt")
-    n_found = int((enc["input_ids"] == model.config.video_token_index).sum())
-    if n_found != n_tokens:
-        raise ValueError(f"the tokenizer split the video placeholder into {n_found} tokens, expected {n_tokens}.")
+    enc = _encode(tokenizer, text, model.config.video_token_index, n_tokens, add_special_tokens=True)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
             "pixel_values_videos": pixels.to(model.dtype)}
+
+
+def _encode(tokenizer, text: str, placeholder_id: int, expected: int, add_special_tokens: bool):
+    """Tokenize ``text`` and check that each placeholder stayed one token."""
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens)
+    found = int((enc["input_ids"] == placeholder_id).sum())
+    if found != expected:
+        raise ValueError(f"the tokenizer split the video placeholder into {found} tokens, expected {expected}.")
+    return enc

@@ -153,14 +153,9 @@ def test_bad_video_file_is_one_line(tmp_path, content, fragment):
 
 @pytest.fixture(scope="module")
 def tiny_onevision_dir(tmp_path_factory):
-    from transformers import AutoTokenizer, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    from sparse2dense.models import cache_dir, load_demo_model
-
-    load_demo_model(log=lambda *a: None)
-    tok = AutoTokenizer.from_pretrained(cache_dir() / "smollm2-135m-instruct")
-    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
-    image_id, video_id = tok.convert_tokens_to_ids(["<image>", "<video>"])
+    tok, (image_id, video_id) = demo_tokenizer_with(["<image>", "<video>"])
     torch.manual_seed(0)
     cfg = LlavaOnevisionConfig(
         text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
@@ -228,17 +223,12 @@ def test_onevision_cli_compare(tiny_onevision_dir, tmp_path):
 
 
 def test_next_video_pipeline_matches_generate(tmp_path):
-    from transformers import AutoTokenizer, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
 
-    import sparse2dense
-    from sparse2dense.models import cache_dir, load_demo_model
     from sparse2dense.video import read_video
     from sparse2dense.video_inputs import build_video_inputs
 
-    load_demo_model(log=lambda *a: None)
-    tok = AutoTokenizer.from_pretrained(cache_dir() / "smollm2-135m-instruct")
-    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
-    image_id, video_id = tok.convert_tokens_to_ids(["<image>", "<video>"])
+    tok, (image_id, video_id) = demo_tokenizer_with(["<image>", "<video>"])
     torch.manual_seed(0)
     cfg = LlavaNextVideoConfig(
         text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
@@ -248,22 +238,14 @@ def test_next_video_pipeline_matches_generate(tmp_path):
                            num_attention_heads=2, image_size=32, patch_size=4, projection_dim=32),
         image_token_index=image_id, video_token_index=video_id, vision_feature_layer=-1,
         image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]])
-    model = LlavaNextVideoForConditionalGeneration(cfg).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = tok.pad_token_id
+    model = finish(LlavaNextVideoForConditionalGeneration(cfg), tok)
     clip = tmp_path / "clip.mp4"
     encode_clip(clip, frames=12, width=64, height=48)  # 4:3, so the shortest-edge resize and crop both act
     inputs = build_video_inputs(model, tok, read_video(clip, num_frames=4).frames, "What moves?")
     assert inputs["pixel_values_videos"].shape == (1, 4, 3, 32, 32)
     n_video = int((inputs["input_ids"] == video_id).sum())
     assert n_video == 4 * (8 * 8 // 4)
-    ref = model.generate(**inputs, max_new_tokens=16, do_sample=False)
-    for budget, gamma in ((40, 4), (100_000, 6)):
-        out = sparse2dense.generate(model, **inputs, max_new_tokens=16, budget=budget, gamma=gamma)
-        assert torch.equal(out.sequences, ref), (budget, gamma)
-    via = model.generate(**inputs, max_new_tokens=16, do_sample=False, custom_generate=sparse2dense.custom_generate,
-                         budget=40, gamma=4)
-    assert torch.equal(via, ref)
+    assert_parity_both_ways(model, inputs, [(40, 4), (100_000, 6)])
 
 
 def test_qwen3_vl_video_pipeline_matches_generate(tmp_path):

@@ -436,19 +436,19 @@ GEN_SEED = 1234
 @pytest.mark.parametrize("extra,gamma", [(8, 5), (BIG, 3)])
 @pytest.mark.parametrize("api", APIS)
 def test_video(family, extra, gamma, api):
-    gen = torch.Generator().manual_seed(GEN_SEED)
-    inputs = collate(family, [video_rows(family, gen)])
-    budget = n_text(inputs)[0] + extra if extra != BIG else BIG
-    stats = check_parity(family, inputs, api, budget, gamma)
-    assert assert_selection(stats, inputs, budget) == [extra != BIG]
+    check_one_visual_input(family, video_rows, GEN_SEED, extra, gamma, api)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("extra,gamma", [(4, 4), (BIG, 6)])
 @pytest.mark.parametrize("api", APIS)
 def test_image(family, extra, gamma, api):
-    gen = torch.Generator().manual_seed(GEN_SEED + 1)
-    inputs = collate(family, [image_rows(family, gen)])
+    check_one_visual_input(family, image_rows, GEN_SEED + 1, extra, gamma, api)
+
+
+def check_one_visual_input(family, rows, seed, extra, gamma, api):
+    """Batch 1; the budget keeps every text token plus ``extra`` visual ones (BIG: everything)."""
+    inputs = collate(family, [rows(family, torch.Generator().manual_seed(seed))])
     budget = n_text(inputs)[0] + extra if extra != BIG else BIG
     stats = check_parity(family, inputs, api, budget, gamma)
     assert assert_selection(stats, inputs, budget) == [extra != BIG]

@@ -5,6 +5,14 @@ from __future__ import annotations
 import torch
 
 
+def text_candidates(valid: torch.Tensor, config) -> torch.Tensor:
+    """The text-LLM rule: every non-padding prompt token except the first ``config.sink_tokens``
+    and the last ``config.keep_last`` of its row. bool ``[B, P]``."""
+    from_start = valid.long().cumsum(dim=1) - 1
+    from_end = valid.long().flip(1).cumsum(dim=1).flip(1) - 1
+    return valid & (from_start >= config.sink_tokens) & (from_end >= config.keep_last)
+
+
 class UnsupportedModelError(ValueError):
     """The model (or its configuration) cannot be run by sparse2dense."""
 

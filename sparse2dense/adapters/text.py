@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter
+from .base import Adapter, text_candidates
 
 #: model_type values whose attention goes through the standard transformers attention interface
 #: and that the parity tests cover.
@@ -15,7 +15,4 @@ class TextAdapter(Adapter):
     """Candidates are every prompt token except the first ``sink_tokens`` and the last ``keep_last``."""
 
     def candidate_mask(self, input_ids: torch.Tensor, valid: torch.Tensor, config) -> torch.Tensor:
-        # rank of each valid token from the start and from the end of its row
-        from_start = valid.long().cumsum(dim=1) - 1
-        from_end = valid.long().flip(1).cumsum(dim=1).flip(1) - 1
-        return valid & (from_start >= config.sink_tokens) & (from_end >= config.keep_last)
+        return text_candidates(valid, config)

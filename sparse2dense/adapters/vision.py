@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter
+from .base import Adapter, text_candidates
 
 # model inputs that generate() manages and sparse2dense replaces
 _MANAGED = {"input_ids", "attention_mask", "position_ids", "past_key_values", "use_cache", "logits_to_keep",
@@ -41,10 +41,7 @@ class VisionAdapter(Adapter):
         visual = self.visual_mask(input_ids) & valid
         if bool(visual.any()):
             return visual
-        # A text-only prompt to a VLM: use the text-LLM rule (sinks and the question are kept).
-        from_start = valid.long().cumsum(dim=1) - 1
-        from_end = valid.long().flip(1).cumsum(dim=1).flip(1) - 1
-        return valid & (from_start >= config.sink_tokens) & (from_end >= config.keep_last)
+        return text_candidates(valid, config)  # a text-only prompt to a VLM: the text-LLM rule
 
     def prefill_kwargs(self, model_inputs: dict) -> dict:
         return {k: v for k, v in model_inputs.items() if k not in _MANAGED and v is not None}

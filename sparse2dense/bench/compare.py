@@ -20,7 +20,7 @@ from transformers.generation.streamers import BaseStreamer
 from ..attention import attention_routed
 from ..adapters import get_adapter
 from ..config import StdConfig
-from ..engine import _Run, _check_inputs, _as_id_list
+from ..engine import _Run, _check_inputs, resolve_special_tokens
 
 
 @dataclass
@@ -81,11 +81,8 @@ def compare_methods(model, input_ids, attention_mask, max_new_tokens: int, confi
     """
     adapter = get_adapter(model)
     input_ids, attention_mask = _check_inputs(input_ids, attention_mask, max_new_tokens, adapter)
-    gen_cfg = model.generation_config
-    eos = _as_id_list(eos_token_id if eos_token_id is not None else gen_cfg.eos_token_id)
-    pad = pad_token_id if pad_token_id is not None else gen_cfg.pad_token_id
-    pad = pad if pad is not None else (eos[0] if eos else 0)
-    run = _Run(model, adapter, config, input_ids, attention_mask, max_new_tokens, eos, int(pad), None, None, None,
+    eos, pad = resolve_special_tokens(model, eos_token_id, pad_token_id)
+    run = _Run(model, adapter, config, input_ids, attention_mask, max_new_tokens, eos, pad, None, None, None,
                None, model_inputs, progress)
     results: dict[str, MethodResult] = {}
     with torch.inference_mode(), attention_routed(model):
