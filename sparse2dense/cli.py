@@ -336,7 +336,8 @@ def cmd_generate(args) -> int:
     if video is not None:
         from .video_inputs import build_video_inputs
 
-        enc = build_video_inputs(model, tok, video.frames, text, fps=args.fps, timestamps=video.timestamps)
+        enc = build_video_inputs(model, tok, video.frames, text, fps=args.fps, timestamps=video.timestamps,
+                                 duration=video.duration)
         model_inputs = {k: (v.to(args.device) if hasattr(v, "to") else v) for k, v in enc.items()
                         if k not in ("input_ids", "attention_mask")}
         tok = getattr(tok, "tokenizer", tok)

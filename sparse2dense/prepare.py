@@ -28,12 +28,37 @@ def _frames_tensor(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
 
 
-def _resize(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bicubic, antialiased resize of ``[T, 3, H, W]`` with uint8 rounding, as the processors do."""
+def _resize(video: torch.Tensor, height: int, width: int, mode: str = "bicubic") -> torch.Tensor:
+    """Antialiased resize of ``[T, 3, H, W]`` frames (float, whole values 0..255) to ``[T, 3, height, width]``.
+
+    The frames are resized as uint8, with torch's uint8 kernels, exactly as transformers' torchvision
+    video processors resize uint8 frames on the CPU (torchvision hands uint8 straight to
+    ``interpolate`` for bicubic and Lanczos). Resizing in float and rounding at the end differs from
+    that by up to a few levels, because the uint8 kernels round and clip between their horizontal
+    and vertical passes. ``mode`` is ``"bicubic"`` or ``"lanczos"``; where this torch has no Lanczos
+    kernel, each frame goes through PIL's ``LANCZOS`` instead (what the PIL image processors use).
+    """
     if tuple(video.shape[-2:]) == (height, width):
         return video
-    video = F.interpolate(video, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
-    return video.round().clamp(0, 255)
+    frames = video.round().clamp(0, 255).to(torch.uint8).contiguous()
+    try:
+        out = F.interpolate(frames, size=(height, width), mode=mode, antialias=True, align_corners=False)
+    except (ValueError, NotImplementedError, RuntimeError):
+        if mode != "lanczos":
+            raise
+        return _pil_resize(frames, height, width, mode)
+    return out.float()
+
+
+def _pil_resize(frames: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:
+    """PIL resize (``mode``: ``"bicubic"``, ``"bilinear"`` or ``"lanczos"``) of uint8 ``[T, 3, H, W]``,
+    as transformers' PIL image processors resize; returns float ``[T, 3, height, width]``."""
+    from PIL import Image
+
+    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS}[mode]
+    out = [np.asarray(Image.fromarray(f.permute(1, 2, 0).numpy()).resize((width, height), resample))
+           for f in frames]
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float()
 
 
 def _normalize(video: torch.Tensor, mean, std) -> torch.Tensor:
@@ -201,9 +226,11 @@ def llava_next_video_pixels(frames: np.ndarray, model) -> tuple[torch.Tensor, in
     crop = (pre.get("crop_size") or {}).get("height") or vision.image_size
     video = _frames_tensor(frames)
     h, w = video.shape[-2:]
-    if min(h, w) != short:
-        scale = short / min(h, w)
-        video = _resize(video, *((short, int(w * scale)) if h <= w else (int(h * scale), short)))
+    # transformers' shortest-edge rule, with its exact arithmetic: long side = int(short * long / short_side)
+    if w <= h:
+        video = _resize(video, int(short * h / w), short)
+    else:
+        video = _resize(video, short, int(short * w / h))
     h, w = video.shape[-2:]
     top, left = (h - crop) // 2, (w - crop) // 2
     if top < 0 or left < 0:
@@ -212,3 +239,91 @@ def llava_next_video_pixels(frames: np.ndarray, model) -> tuple[torch.Tensor, in
     video = _normalize(video, pre.get("image_mean") or CLIP_MEAN, pre.get("image_std") or CLIP_STD)
     n_tokens = video.shape[0] * ((crop // vision.patch_size) ** 2 // 4)
     return video.unsqueeze(0).contiguous(), n_tokens
+
+
+#: SmolVLM / Idefics3 processors' upper bound on any frame side (``MAX_IMAGE_SIZE`` in transformers)
+SMOLVLM_MAX_IMAGE_SIZE = 4096
+#: PIL resampling codes (as checkpoints store ``resample``) -> torch interpolation modes
+_RESAMPLE_MODES = {1: "lanczos", 2: "bilinear", 3: "bicubic"}
+
+
+@dataclass(slots=True)
+class SmolVLMVideoSettings:
+    """Preprocessing constants of SmolVLM's video processor (and of Idefics3's image processor
+    without image splitting, which does the same per frame).
+
+    Attributes:
+        longest_edge: the first resize brings the longest side of each frame to this (aspect kept,
+            the other side rounded up to even).
+        frame_size: the second resize makes every frame ``frame_size x frame_size``
+            (``max_image_size["longest_edge"]``); the vision tower sees these squares.
+        mode: resampling kernel of both resizes (checkpoints say LANCZOS).
+    """
+
+    longest_edge: int = 4 * 364
+    frame_size: int = 364
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    mode: str = "lanczos"
+
+    @classmethod
+    def from_model(cls, model) -> "SmolVLMVideoSettings":
+        """Sizes from the checkpoint's ``video_preprocessor_config.json`` / ``preprocessor_config.json``
+        with the video processor's precedence (``size``, else ``video_sampling.video_size``). Without
+        a config the frames are squared to the vision tower's ``image_size``, and the first resize
+        goes to 4x that (the ratio of the processor's defaults, 1456 = 4 x 364)."""
+        image_size = int(model.config.vision_config.image_size)
+        settings = cls(longest_edge=4 * image_size, frame_size=image_size)
+        data = _checkpoint_preprocessor(model)
+        size = data.get("size") or (data.get("video_sampling") or {}).get("video_size") or {}
+        if size.get("longest_edge"):
+            settings.longest_edge = int(size["longest_edge"])
+        if (data.get("max_image_size") or {}).get("longest_edge"):
+            settings.frame_size = int(data["max_image_size"]["longest_edge"])
+        settings.mean = tuple(data.get("image_mean") or settings.mean)
+        settings.std = tuple(data.get("image_std") or settings.std)
+        resample = data.get("resample", 1)
+        if resample not in _RESAMPLE_MODES:
+            raise ValueError(f"the checkpoint's resample={resample!r} is not LANCZOS (1), BILINEAR (2) or BICUBIC (3).")
+        settings.mode = _RESAMPLE_MODES[resample]
+        return settings
+
+
+def smolvlm_longest_edge_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
+    """``(height, width)`` after SmolVLM's first resize: the longest side becomes ``longest_edge``
+    (at most 4096), the other keeps the aspect ratio, truncated, then rounded up to even."""
+    longest = min(SMOLVLM_MAX_IMAGE_SIZE, longest_edge)
+    aspect = width / height
+    if width >= height:
+        width = longest
+        height = int(width / aspect)
+        height += height % 2
+    else:
+        height = longest
+        width = int(height * aspect)
+        width += width % 2
+    return max(height, 1), max(width, 1)
+
+
+def smolvlm_video_pixels(frames: np.ndarray, settings: SmolVLMVideoSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel values and pixel mask of one video for SmolVLM, as ``SmolVLMVideoProcessor`` builds them.
+
+    Each frame is resized twice, as uint8 (torch's Lanczos kernel, the one torchvision uses on the
+    CPU): longest side to ``settings.longest_edge``, then to a ``frame_size`` square; then rescaled
+    by 1/255 and normalized. All frames of a video are the same size, so nothing is padded and the
+    mask is all ones (:func:`sparse2dense.video_inputs.build_video_batch` pads across videos).
+
+    Args:
+        frames: uint8 ``[T, H, W, 3]``.
+
+    Returns:
+        ``(pixel_values [1, T, 3, S, S] float32, pixel_attention_mask [1, T, S, S] int64)`` with
+        ``S = settings.frame_size``.
+    """
+    video = _frames_tensor(frames)
+    h, w = smolvlm_longest_edge_size(*video.shape[-2:], settings.longest_edge)
+    video = _resize(video, h, w, settings.mode)
+    video = _resize(video, settings.frame_size, settings.frame_size, settings.mode)
+    video = _normalize(video, settings.mean, settings.std)
+    mask = torch.ones(1, *video.shape[:1], *video.shape[-2:], dtype=torch.long)
+    return video.unsqueeze(0).contiguous(), mask

