@@ -89,6 +89,11 @@ def sparse2dense_attention(module, query, key, value, attention_mask, scaling=No
             )
         return out.transpose(1, 2), None
     tail_of = plan.causal_tail if mask is plan.mask else None
+    if query.dtype != key.dtype:
+        # A lower-precision drafter reading the model-precision draft cache: attend in the cache's
+        # precision and hand the result back in the drafter's.
+        out = _grouped_attention(query.to(key.dtype), key, value, mask, scaling, tail_of)
+        return out.to(query.dtype), None
     return _grouped_attention(query, key, value, mask, scaling, tail_of), None
 
 

@@ -4,7 +4,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-POLICIES = ("paper", "streaming")
+import torch
+
+POLICIES = ("paper", "streaming", "last")
+AUTO = "auto"
+DRAFT_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+# gamma="auto" chooses each round's draft length in [0, MAX_AUTO_GAMMA].
+MAX_AUTO_GAMMA = 12
+
+
+def parse_dtype(value) -> torch.dtype | None:
+    """``None``, a floating ``torch.dtype``, or a name such as ``"bf16"``/``"bfloat16"``."""
+    if value is None or value == AUTO or isinstance(value, torch.dtype) and value in DRAFT_DTYPES.values():
+        return value
+    if isinstance(value, str) and value.lower().removeprefix("torch.") in DRAFT_DTYPES:
+        return DRAFT_DTYPES[value.lower().removeprefix("torch.")]
+    raise ValueError(
+        f"draft_dtype must be None, 'auto', torch.float32, torch.bfloat16 or torch.float16; got {value!r}.")
 
 
 @dataclass(slots=True)
@@ -22,35 +42,54 @@ class StdConfig:
       drafts plus one **bonus** token taken from the dense (verifier) logits.
 
     Attributes:
-        budget: prompt KV entries the drafter attends to, per layer and KV head.
-        gamma: draft tokens per round (0 means plain dense decoding).
+        budget: prompt KV entries the drafter attends to, per layer and KV head, or ``"auto"``
+            (chosen from the prompt length, see :func:`sparse2dense.adaptive.auto_budget`).
+        gamma: draft tokens per round (0 means plain dense decoding), or ``"auto"``: each round's
+            draft length is chosen from measured step costs and the acceptance seen so far, and
+            speculation switches itself off when it cannot pay (see :mod:`sparse2dense.adaptive`).
         policy: how candidates are scored. ``"paper"``: mean attention that the kept (text) query
-            tokens pay to each candidate during prefill. ``"streaming"``: keep the most recent
-            candidates (sink tokens + recent window, as in StreamingLLM).
+            tokens pay to each candidate during prefill. ``"last"``: the same, scored by the last
+            ``observe_last`` prompt tokens only (candidates or not). ``"streaming"``: keep the most
+            recent candidates (sink tokens + recent window, as in StreamingLLM).
         sink_tokens: text-only default: leading prompt tokens that are always kept.
         keep_last: text-only default: trailing prompt tokens (the question) that are always kept.
         max_score_queries: at most this many kept query tokens (the latest ones) score candidates.
+        observe_last: ``"last"`` policy: how many final prompt tokens score candidates.
+        reselect_every: 0 keeps the selection made after prefill; N > 0 re-selects the drafter's
+            prompt entries every N rounds from the verifier's own queries of the latest committed
+            token (scores accumulated with exponential decay).
+        draft_dtype: None drafts with the model's own weights; ``torch.bfloat16`` (or
+            ``torch.float16``) drafts with a lower-precision copy of the language model's weights
+            and a draft KV cache in that precision. The verifier keeps the model's precision, so
+            the output is unchanged; the copy costs memory (reported in the stats). ``"auto"``:
+            with ``gamma="auto"`` both drafters are measured and each round uses the faster one;
+            with a fixed gamma the bf16 copy is used from batch 4 up. Either way only where the
+            hardware has fast bf16 and free memory holds the copy twice over.
         prefill_chunk: prompt tokens per prefill forward pass; bounds prefill memory.
     """
 
-    budget: int = 1024
-    gamma: int = 9
+    budget: int | str = 1024
+    gamma: int | str = 9
     policy: str = "paper"
     sink_tokens: int = 4
     keep_last: int = 64
     max_score_queries: int = 256
+    observe_last: int = 32
+    reselect_every: int = 0
+    draft_dtype: torch.dtype | str | None = None
     prefill_chunk: int = 2048
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "policy":
+            if f.name in ("policy", "draft_dtype") or (f.name in ("budget", "gamma") and value == AUTO):
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{f.name} must be an integer, got {value!r}.")
-        if self.budget < 1:
+                allowed = " or 'auto'" if f.name in ("budget", "gamma") else ""
+                raise ValueError(f"{f.name} must be an integer{allowed}, got {value!r}.")
+        if self.budget != AUTO and self.budget < 1:
             raise ValueError(f"budget must be at least 1, got {self.budget}.")
-        if not 0 <= self.gamma <= 64:
+        if self.gamma != AUTO and not 0 <= self.gamma <= 64:
             raise ValueError(f"gamma must be between 0 and 64, got {self.gamma}.")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}.")
@@ -60,5 +99,24 @@ class StdConfig:
             raise ValueError(f"keep_last must be >= 1 (the question must stay visible), got {self.keep_last}.")
         if self.max_score_queries < 1:
             raise ValueError(f"max_score_queries must be >= 1, got {self.max_score_queries}.")
+        if self.observe_last < 1:
+            raise ValueError(f"observe_last must be >= 1, got {self.observe_last}.")
+        if self.reselect_every < 0:
+            raise ValueError(f"reselect_every must be >= 0, got {self.reselect_every}.")
         if self.prefill_chunk < 16:
             raise ValueError(f"prefill_chunk must be >= 16, got {self.prefill_chunk}.")
+        self.draft_dtype = parse_dtype(self.draft_dtype)
+
+    @property
+    def auto_gamma(self) -> bool:
+        return self.gamma == AUTO
+
+    @property
+    def max_gamma(self) -> int:
+        """The largest draft length any round may use (buffers are sized for it)."""
+        return MAX_AUTO_GAMMA if self.gamma == AUTO else int(self.gamma)
+
+    @property
+    def speculative(self) -> bool:
+        """Whether a drafter is built at all (``gamma=0`` is plain dense decoding)."""
+        return self.gamma == AUTO or self.gamma > 0

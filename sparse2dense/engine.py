@@ -15,6 +15,7 @@ With ``gamma=0`` the loop is plain dense decoding on the same preallocated buffe
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -22,10 +23,14 @@ import torch
 
 from .acceptance import greedy_accept, speculative_sample
 from .adapters import Adapter, get_adapter
+from .adaptive import GammaController, auto_budget
 from .attention import attention_routed
-from .config import StdConfig
+from .config import AUTO, StdConfig
+from .drafter import copy_nbytes, copy_size_estimate, draft_model, fast_bf16, free_memory_bytes
 from .kv import BufferCache, ForwardPlan, KVBuffer, build_mask, use_plan
-from .selection import ScoreQueryCapture, Selection, build_draft_cache, scoring_columns
+from .selection import (
+    ScoreQueryCapture, Selection, attention_scores, build_draft_cache, gather_selection, scoring_columns,
+)
 
 
 @dataclass
@@ -45,8 +50,16 @@ class StdStats:
     mean_accepted_per_round: float = 0.0
     acceptance_rate: float = 0.0
     per_position_acceptance: list[float] = field(default_factory=list)  # P(d_i accepted | d_i drafted)
-    gamma: int = 0
-    budget: int = 0
+    gamma: int = 0  # the fixed draft length, or the largest one gamma="auto" may choose
+    gamma_mode: str = "fixed"  # "fixed" or "auto"
+    budget: int = 0  # the budget used (resolved when budget="auto")
+    policy: str = "paper"
+    draft_dtype: str | None = None  # the drafter's weight precision when it differs from the model's
+    draft_weights_mb: float = 0.0  # memory of the drafter's own weight copy (0: shares the model's)
+    speculation: str = "on"  # "on", "off" (dense decoding only) or "partial" (auto turned it off at times)
+    fallback_reason: str = ""  # why speculation was turned off, when it was
+    auto: dict = field(default_factory=dict)  # gamma="auto": rounds, dense rounds, mean gamma, costs
+    reselections: int = 0  # times the drafter's selection was refreshed during decoding
     n_visual: list[int] = field(default_factory=list)  # visual (image/video) prompt tokens per row
     n_text: list[int] = field(default_factory=list)  # other non-padding prompt tokens per row
     n_candidates: list[int] = field(default_factory=list)  # droppable prompt tokens per row
@@ -123,7 +136,9 @@ class _Run:
         self.do_sample = do_sample
         self.generator = generator
         self.window = adapter.sliding_window
-        self.stats = StdStats(batch_size=self.batch, prompt_len=self.prompt_len, gamma=cfg.gamma, budget=cfg.budget)
+        self.max_gamma = cfg.max_gamma
+        self.stats = StdStats(batch_size=self.batch, prompt_len=self.prompt_len, gamma=self.max_gamma,
+                              gamma_mode="auto" if cfg.auto_gamma else "fixed", policy=cfg.policy)
 
         valid = attention_mask.bool()
         self.valid = valid
@@ -139,9 +154,18 @@ class _Run:
         visual = visual & valid if visual is not None else torch.zeros_like(valid)
         self.stats.n_visual = visual.sum(dim=1).tolist()
         self.stats.n_text = (valid & ~visual).sum(dim=1).tolist()
+        if cfg.budget == AUTO:
+            n_keep, n_cand = self.keep.sum(dim=1).tolist(), self.candidates.sum(dim=1).tolist()
+            self.budget = max(auto_budget(k, c) for k, c in zip(n_keep, n_cand))
+        else:
+            self.budget = int(cfg.budget)
+        self.stats.budget = self.budget
 
         dtype = next(model.parameters()).dtype
-        capacity = self.prompt_len + max_new_tokens + cfg.gamma + 2
+        self.drafters = self._drafters(model, dtype)  # [(name, module)]
+        self.drafter = self.drafters[0][1]
+        self.controller: GammaController | None = None
+        capacity = self.prompt_len + max_new_tokens + self.max_gamma + 2
         self.dense = KVBuffer.empty(
             adapter.num_layers, self.batch, adapter.num_kv_heads, capacity, adapter.head_dim, dtype, self.device
         )
@@ -164,19 +188,48 @@ class _Run:
         self.draft_len = torch.zeros(self.batch, dtype=torch.long, device=self.device)
         self.active = torch.ones(self.batch, dtype=torch.bool)
         self.last = torch.zeros(self.batch, dtype=torch.long, device=self.device)
-        self.accept_at = [0] * cfg.gamma
-        self.draft_at = [0] * cfg.gamma
+        self.accept_at = [0] * self.max_gamma
+        self.draft_at = [0] * self.max_gamma
         self.row_rounds = 0  # (row, round) pairs in which the row was still generating
+        self.reselect_queries: torch.Tensor | None = None  # [L, B, Hq, 1, D] when re-selecting
+        self.no_drafter_reason = ""
+        self.score_policies: set[str] | None = None  # policies prefill captures queries for
+        self.capture = None
+        self.scaling = adapter.head_dim**-0.5
+
+    def _drafters(self, model, dtype) -> list[tuple[str, Any]]:
+        """The drafters this run may use: the model itself and/or a lower-precision weight copy."""
+        cfg = self.cfg
+        own = [(str(dtype).removeprefix("torch."), model)]
+        wanted = cfg.draft_dtype
+        if not cfg.speculative or wanted is None or wanted == dtype:
+            return own
+        if wanted == AUTO:
+            low = torch.bfloat16
+            if dtype == low or not fast_bf16(self.device):
+                return own
+            free = free_memory_bytes(self.device)
+            if free is not None and free < 2 * copy_size_estimate(model, low):
+                return own
+            if not cfg.auto_gamma and self.batch < 4:
+                return own  # at batch 1-3 a bf16 step is not cheaper on CPUs measured so far
+            wanted = low
+        copy = draft_model(model, wanted)
+        self.stats.draft_dtype = str(wanted).removeprefix("torch.")
+        self.stats.draft_weights_mb = copy_nbytes(model, wanted) / 2**20
+        low = [(self.stats.draft_dtype, copy)]
+        return own + low if cfg.draft_dtype == AUTO and cfg.auto_gamma else low
 
     # ----------------------------------------------------------------------------- forward passes
     def _forward(self, plan: ForwardPlan, ids: torch.Tensor, positions: torch.Tensor, all_logits: bool,
-                 position_ids_ready: bool = False, **extra):
-        """Run the model on ``ids`` ``[B, T]`` at text positions ``positions`` ``[B, T]``.
+                 position_ids_ready: bool = False, model=None, **extra):
+        """Run the model (or ``model``, e.g. the drafter) on ``ids`` ``[B, T]`` at text positions
+        ``positions`` ``[B, T]``.
 
         With ``position_ids_ready`` the positions are already in the model's format (e.g. M-RoPE).
         """
         with use_plan(plan):
-            out = self.model(
+            out = (model or self.model)(
                 input_ids=ids,
                 position_ids=positions if position_ids_ready else self.adapter.position_ids(positions),
                 past_key_values=self.cache,
@@ -198,8 +251,9 @@ class _Run:
         t0 = time.perf_counter()
         p, b = self.prompt_len, self.batch
         capture = None
-        if self.cfg.gamma > 0 and self.cfg.policy == "paper":
-            q_cols = scoring_columns(self.keep, self.cfg.max_score_queries)
+        policies = self.score_policies or {self.cfg.policy}
+        if self.cfg.speculative and policies & {"paper", "last"}:
+            q_cols = self._scoring_queries(policies)
             capture = ScoreQueryCapture(
                 q_cols, self.adapter.num_layers, self.adapter.num_q_heads, self.adapter.head_dim,
                 self.dense.k.dtype, self.device,
@@ -244,19 +298,81 @@ class _Run:
         self.last = first
         self._commit(first.unsqueeze(1), torch.ones(b, dtype=torch.long))
 
-    def select(self) -> None:
-        """Build the drafter's compact KV cache from the dense buffer."""
+    def _scoring_queries(self, policies: set[str]) -> torch.Tensor:
+        """Prompt columns whose queries prefill captures: ``[B, M]``, -1 for unused slots.
+
+        The union of what each policy in ``policies`` scores with; :meth:`select` later keeps only
+        the columns of the policy it builds (so one prefill can serve several policies).
+        """
+        sets = []
+        if "paper" in policies:
+            sets.append(scoring_columns(self.keep, self.cfg.max_score_queries))
+        if "last" in policies:
+            sets.append(scoring_columns(self.valid, self.cfg.observe_last))
+        if len(sets) == 1:
+            return sets[0]
+        rows = [torch.unique(torch.cat([c[b][c[b] >= 0] for c in sets])) for b in range(self.batch)]
+        out = torch.full((self.batch, max(len(r) for r in rows)), -1, dtype=torch.long, device=self.device)
+        for b, r in enumerate(rows):
+            out[b, : len(r)] = r
+        return out
+
+    def _policy_capture(self, policy: str):
+        """The captured queries that ``policy`` scores with (a view of the prefill capture)."""
+        cap = self.capture
+        if cap is None or policy == "streaming":
+            return None
+        if policy == "paper":
+            mine = scoring_columns(self.keep, self.cfg.max_score_queries)
+        else:
+            mine = scoring_columns(self.valid, self.cfg.observe_last)
+        wanted = (cap.q_cols.unsqueeze(-1) == mine.unsqueeze(1)).any(-1) & (cap.q_cols >= 0)  # [B, M]
+        return SimpleNamespace(store=cap.store, q_cols=torch.where(wanted, cap.q_cols, -1))
+
+    def select(self, policy: str | None = None, keep_capture: bool = False) -> None:
+        """Build the drafter's compact KV cache from the dense buffer.
+
+        Args:
+            policy: selection policy (default: the config's); others need their queries captured
+                during prefill (see ``score_policies``).
+            keep_capture: keep the prefill's captured queries for another :meth:`select`.
+        """
         t0 = time.perf_counter()
+        policy = policy or self.cfg.policy
         scaling = getattr(self.text_attn_module(), "scaling", self.adapter.head_dim**-0.5)
+        self.scaling = scaling
+        self.selection = None  # release the previous draft buffer first
         self.selection = build_draft_cache(
-            self.dense, self.prompt_len, self.pad, self.candidates, self.keep, self.cfg.budget, self.cfg.policy,
-            self.capture, scaling, extra_capacity=self.max_new + self.cfg.gamma + 2,
+            self.dense, self.prompt_len, self.pad, self.candidates, self.keep, self.budget, policy,
+            self._policy_capture(policy), scaling, extra_capacity=self.max_new + self.max_gamma + 2,
+            keep_scores=self.cfg.reselect_every > 0 and policy != "streaming",
         )
-        self.capture = None
+        if not keep_capture:
+            self.capture = None
+        self.stats.policy = policy
         self.stats.n_candidates = self.selection.n_candidates.tolist()
         self.stats.n_selected = self.selection.n_selected.tolist()
         self.stats.draft_cache_mb = self.selection.buffer.nbytes() / 2**20
         self.stats.time_selection = time.perf_counter() - t0
+
+    def maybe_select(self) -> None:
+        """Build the drafter unless it cannot help; says why in ``no_drafter_reason``.
+
+        A drafter is skipped for ``gamma=0``, and for ``gamma="auto"`` when it would keep every
+        prompt entry at the model's own precision (it would be the dense model, at the same cost).
+        """
+        cfg = self.cfg
+        if not cfg.speculative:
+            return
+        if cfg.auto_gamma and all(d is self.model for _, d in self.drafters):
+            n_keep = self.keep.sum(dim=1)
+            n_cand = self.candidates.sum(dim=1)
+            if bool((n_keep + n_cand <= self.budget).all()):
+                self.no_drafter_reason = (
+                    f"the prompt ({self.prompt_len} tokens) fits the drafter budget ({self.budget}): "
+                    "a drafter would cost as much as dense decoding")
+                return
+        self.select()
 
     def text_attn_module(self):
         for module in self.model.modules():
@@ -291,7 +407,7 @@ class _Run:
                 mask=mask, window=self.window,
             )
             positions = (self.dense_len - self.pad + i).unsqueeze(1)
-            logits = self._forward(plan, tok.unsqueeze(1), positions, False)
+            logits = self._forward(plan, tok.unsqueeze(1), positions, False, model=self.drafter)
             if self.processors is not None:
                 prefix = torch.stack(drafts, dim=1) if drafts else tok.new_zeros(b, 0)
                 scores = self._process(logits, prefix, draft_offset=True)[:, 0]
@@ -327,6 +443,7 @@ class _Run:
         plan = ForwardPlan(
             buffer=self.dense, write_col=None if uniform else col, write_col_int=int(col[0]) if uniform else None,
             q_len=t, span=span, mask=mask, mask_sliding=sliding, window=self.window,
+            capture=self._capture_last_query if self.reselect_queries is not None else None,
         )
         positions = q_cols - self.pad.unsqueeze(1)
         logits = self._forward(plan, block, positions, True)
@@ -425,37 +542,78 @@ class _Run:
         for key, value in snap.items():
             getattr(self, key).copy_(value)
         self.cache.seq_length = self.prompt_len
-        self.accept_at = [0] * self.cfg.gamma
-        self.draft_at = [0] * self.cfg.gamma
+        self.accept_at = [0] * self.max_gamma
+        self.draft_at = [0] * self.max_gamma
         self.row_rounds = 0
         self.committed = 0
         kept = {k: getattr(self.stats, k) for k in ("time_prefill", "time_selection", "n_candidates", "n_selected",
-                                                      "draft_cache_mb", "n_visual", "n_text")}
-        self.stats = StdStats(batch_size=self.batch, prompt_len=self.prompt_len, gamma=self.cfg.gamma,
-                              budget=self.cfg.budget, **kept)
+                                                      "draft_cache_mb", "n_visual", "n_text", "budget", "policy",
+                                                      "draft_dtype", "draft_weights_mb")}
+        self.stats = StdStats(batch_size=self.batch, prompt_len=self.prompt_len, gamma=self.max_gamma,
+                              gamma_mode="auto" if self.cfg.auto_gamma else "fixed", **kept)
 
-    def decode(self, gamma: int | None = None) -> None:
-        """Run rounds until every row is done. ``gamma=0`` decodes densely (one token per pass)."""
+    def decode(self, gamma: int | str | None = None, sparse_only: bool = False) -> None:
+        """Run rounds until every row is done.
+
+        Args:
+            gamma: draft length (default: the config's); 0 decodes densely (one token per pass);
+                ``"auto"`` lets :class:`~sparse2dense.adaptive.GammaController` choose per round.
+            sparse_only: decode with the drafter alone, without verification. Lossy: for measuring
+                what skipping verification would cost, never for output.
+        """
         t_start = time.perf_counter()
         gamma = self.cfg.gamma if gamma is None else gamma
-        if self.selection is None:
+        self.controller = None
+        if gamma == "auto":
+            self.controller = GammaController(drafters=tuple(n for n, _ in self.drafters), max_gamma=self.max_gamma)
+            self.stats.gamma_mode = "auto"
+            if self.selection is None:
+                self.controller.speculate = False
+                self.controller.reason = self.no_drafter_reason or "no drafter"
+            gamma = self.max_gamma
+        elif self.selection is None:
             gamma = 0
         self.stats.gamma = gamma
-        self._rounds(gamma)
-        if not self.pad_finished and bool(self.active.any()):
-            # generate() stops when its last row stops; rows that stopped earlier without padding
-            # continue to that same length.
-            final = int(self.finish_len.max())
-            self.row_limit.fill_(final)
-            self.active &= self.n_gen < final
-            self._rounds(gamma, until_all_done=True)
+        if sparse_only:
+            if self.selection is None:
+                raise ValueError("sparse-only decoding needs a drafter (gamma > 0 when the run was prepared).")
+            self._sparse_rounds()
+        else:
+            self._reselect_setup(gamma)
+            self._rounds(gamma)
+            if not self.pad_finished and bool(self.active.any()):
+                # generate() stops when its last row stops; rows that stopped earlier without padding
+                # continue to that same length.
+                final = int(self.finish_len.max())
+                self.row_limit.fill_(final)
+                self.active &= self.n_gen < final
+                self._rounds(gamma, until_all_done=True)
         self.stats.time_decode = time.perf_counter() - t_start
+        if self.controller is not None:
+            summary = self.controller.summary()
+            self.stats.auto = summary
+            if summary["speculative_rounds"] == 0:
+                self.stats.speculation = "off"
+                self.stats.fallback_reason = self.controller.reason or (
+                    "measured draft and verify costs: no draft length was expected to beat dense decoding")
+            elif summary["dense_rounds"] > 1:  # round 1 always measures the dense step
+                self.stats.speculation = "partial"
+                self.stats.fallback_reason = (
+                    "dense decoding was expected to be faster in some rounds (measured costs and acceptance)")
+        elif gamma == 0:
+            self.stats.speculation = "off"
 
     def _rounds(self, gamma: int, until_all_done: bool = False) -> None:
         """Draft -> verify -> accept -> commit until every row has finished."""
+        ctl = self.controller
         while bool((self.active if until_all_done else self.active & ~self.finished).any()):
             room = int((self.row_limit - self.n_gen)[self.active].max())
-            g = max(0, min(gamma, room - 1))  # drafts beyond the last allowed token are wasted
+            arm = 0
+            if ctl is not None:
+                arm, g = ctl.next_round(room)
+                self.drafter = self.drafters[arm][1]
+            else:
+                g = max(0, min(gamma, room - 1))  # drafts beyond the last allowed token are wasted
             # 1. draft
             t0 = time.perf_counter()
             if g > 0:
@@ -493,6 +651,63 @@ class _Run:
                 self.accept_at[i] += int((n_acc_host > i).sum())
             self.stats.time_draft += t1 - t0
             self.stats.time_verify += t2 - t1
+            if ctl is not None:
+                ctl.observe(arm, g, t1 - t0, t2 - t1, n_acc_host.tolist())
+            if self.reselect_queries is not None:
+                self._reselect_round(was_active)
+
+    def _sparse_rounds(self) -> None:
+        """Drafter-only decoding: each sparse step's argmax is committed as it is (lossy)."""
+        sel = self.selection
+        while bool((self.active & ~self.finished).any()):
+            t0 = time.perf_counter()
+            drafts, _ = self._draft(1)
+            self.stats.time_draft += time.perf_counter() - t0
+            was_active = self.active.clone()
+            appended = self._commit(drafts, torch.ones(self.batch, dtype=torch.long))
+            live = was_active.to(self.device)
+            self.draft_len += live.long()
+            self.dense_len += live.long()  # positions advance as if committed densely
+            self.last = torch.where(live, drafts[:, 0], self.last)
+            self.stats.rounds += 1
+            self.row_rounds += int(was_active.sum())
+            self.committed += int(appended.sum())
+        del sel
+
+    # ----------------------------------------------------------------------------- re-selection
+    def _reselect_setup(self, gamma) -> None:
+        """Prepare re-selection from the verifier's queries when the config asks for it."""
+        every = self.cfg.reselect_every
+        self.reselect_queries = None
+        if every <= 0 or self.selection is None or gamma == 0 or self.selection.scores is None:
+            return
+        a = self.adapter
+        self.reselect_queries = torch.zeros(a.num_layers, self.batch, a.num_q_heads, 1, a.head_dim,
+                                            dtype=self.dense.k.dtype, device=self.device)
+        self._reselect_count = 0
+
+    def _capture_last_query(self, layer_idx: int, query: torch.Tensor) -> None:
+        """Verify-pass hook: keep the query of each row's last committed token (block position 0)."""
+        self.reselect_queries[layer_idx].copy_(query[:, :, :1])
+
+    def _reselect_round(self, rows: torch.Tensor) -> None:
+        """Fold this round's verifier queries into the candidate scores; re-gather every N rounds.
+
+        ``rows``: bool ``[B]``, rows whose queries were captured this round (host).
+        """
+        sel = self.selection
+        q_cols = torch.full((self.batch, 1), self.prompt_len - 1, dtype=torch.long, device=self.device)
+        q_cols[~rows.to(self.device)] = -1
+        weight = 0.1  # new evidence per round against the running score
+        for layer in range(self.adapter.num_layers):
+            keys = self.dense.k[layer][:, :, : self.prompt_len]
+            fresh = attention_scores(self.reselect_queries[layer], keys, q_cols, self.pad, self.scaling)
+            sel.scores[layer].mul_(1 - weight).add_(fresh, alpha=weight)
+        self._reselect_count += 1
+        if self._reselect_count % self.cfg.reselect_every == 0:
+            for layer in range(self.adapter.num_layers):
+                gather_selection(self.dense, sel, layer, sel.scores[layer], self.candidates, self.keep)
+            self.stats.reselections += 1
 
     def _advance(self, n_acc: torch.Tensor, bonus: torch.Tensor, g: int) -> None:
         """Move the committed lengths and refresh the drafter's view of the committed tokens.
@@ -537,8 +752,9 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     *,
     max_new_tokens: int,
-    budget: int = 1024,
-    gamma: int = 9,
+    budget: int | str = 1024,
+    gamma: int | str = 9,
+    draft_dtype: torch.dtype | str | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     context_mask: torch.Tensor | None = None,
@@ -567,8 +783,12 @@ def generate(
         input_ids: LongTensor ``[B, P]``, left-padded when rows differ in length.
         attention_mask: ``[B, P]`` with 0 on left padding (default: all ones).
         max_new_tokens: tokens to generate per row (at least 1).
-        budget: prompt KV entries per layer and KV head that the drafter reads.
-        gamma: draft tokens per round; 0 runs plain dense decoding on the same fast buffers.
+        budget: prompt KV entries per layer and KV head that the drafter reads, or ``"auto"``.
+        gamma: draft tokens per round; 0 runs plain dense decoding on the same fast buffers;
+            ``"auto"`` picks each round's draft length from measured costs and acceptance, and
+            decodes densely when speculation cannot pay (``stats.speculation`` says which).
+        draft_dtype: e.g. ``torch.bfloat16``: draft with a lower-precision copy of the weights
+            (the verifier keeps the model's precision, so the output is unchanged).
         eos_token_id: token id(s) that end a row (default: the model's generation config).
         pad_token_id: fills rows that ended early (default: the model's, else the first EOS, else 0).
         context_mask: bool ``[B, P]``: prompt tokens the drafter may drop (default: the adapter's choice).
@@ -593,7 +813,7 @@ def generate(
         :class:`StdOutput` with ``.sequences`` ``[B, P + new]`` and ``.stats``.
     """
     t_total = time.perf_counter()
-    cfg = config if config is not None else StdConfig(budget=budget, gamma=gamma)
+    cfg = config if config is not None else StdConfig(budget=budget, gamma=gamma, draft_dtype=draft_dtype)
     adapter = get_adapter(model)
     input_ids, attention_mask = _check_inputs(input_ids, attention_mask, max_new_tokens, adapter)
     eos_ids, pad_token_id = resolve_special_tokens(model, eos_token_id, pad_token_id)
@@ -625,8 +845,8 @@ def generate(
     )
     with torch.inference_mode(), attention_routed(model):
         run.prefill()
-        if cfg.gamma > 0 and bool(run.active.any()):
-            run.select()
+        if bool(run.active.any()):
+            run.maybe_select()
         run.decode()
     if streamer is not None:
         streamer.end()

@@ -93,6 +93,8 @@ class ForwardPlan:
         """Store ``key``/``value`` ``[B, Hkv, T, D]`` and return the readable span ``[B, Hkv, span, D]``."""
         k_layer = self.buffer.k[layer_idx]
         v_layer = self.buffer.v[layer_idx]
+        if key.dtype != k_layer.dtype:  # a lower-precision drafter writing the model-precision cache
+            key, value = key.to(k_layer.dtype), value.to(k_layer.dtype)
         if self.write_col_int is not None:
             c = self.write_col_int
             k_layer[:, :, c : c + self.q_len].copy_(key)

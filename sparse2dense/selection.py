@@ -6,6 +6,8 @@ filled with the best-scoring **candidates**:
 * ``paper`` policy: a candidate's score is the attention it receives from the scoring queries (the
   latest kept tokens: the question, the instruction) averaged over those queries and summed over
   the query heads that share its KV head (GQA).
+* ``last`` policy: the same score, from the queries of the last few prompt tokens only (whatever
+  they are), as SnapKV-style observation windows do.
 * ``streaming`` policy: a candidate's score is its column, so the most recent candidates are kept
   (with the leading sink tokens being kept tokens, this is StreamingLLM's sinks + window).
 
@@ -115,12 +117,35 @@ class Selection:
         n_selected: LongTensor ``[B]``: prompt entries kept per row (same for every layer and head).
         base: first column of the generated region (``max(n_selected)``).
         n_candidates: LongTensor ``[B]``: droppable prompt tokens per row.
+        scores: float32 ``[L, B, Hkv, P]`` candidate scores when kept for re-selection, else None.
     """
 
     buffer: KVBuffer
     n_selected: torch.Tensor
     base: int
     n_candidates: torch.Tensor
+    scores: torch.Tensor | None = None
+
+
+def gather_selection(dense: KVBuffer, sel: Selection, layer: int, score: torch.Tensor,
+                     candidates: torch.Tensor, keep: torch.Tensor) -> None:
+    """Copy one layer's best-scoring prompt entries into ``sel.buffer`` columns ``[0, sel.base)``.
+
+    Args:
+        score: float ``[B, Hkv, P]``: higher is better; only candidates compete, kept tokens always
+            come first. The generated region of the draft buffer is left untouched.
+    """
+    d = dense.k.shape[-1]
+    p = score.shape[-1]
+    score = score.clone()
+    score.masked_fill_(~candidates[:, :p].unsqueeze(1), float("-inf"))
+    score.masked_fill_(keep[:, :p].unsqueeze(1), float("inf"))
+    # Descending order puts kept entries first, then the best candidates; the first n_sel[b]
+    # entries of row b are its selection, anything after is padding masked out by the drafter.
+    idx = score.topk(sel.base, dim=-1, sorted=True).indices  # [B, Hkv, base]
+    gather_idx = idx.unsqueeze(-1).expand(-1, -1, -1, d)
+    sel.buffer.k[layer][:, :, : sel.base] = dense.k[layer].gather(2, gather_idx)
+    sel.buffer.v[layer][:, :, : sel.base] = dense.v[layer].gather(2, gather_idx)
 
 
 def build_draft_cache(
@@ -134,6 +159,8 @@ def build_draft_cache(
     capture: ScoreQueryCapture | None,
     scaling: float,
     extra_capacity: int,
+    dtype: torch.dtype | None = None,
+    keep_scores: bool = False,
 ) -> Selection:
     """Gather each layer's selected prompt K/V into a compact, preallocated draft buffer.
 
@@ -142,29 +169,30 @@ def build_draft_cache(
         lo: LongTensor ``[B]``: first non-padding column per row.
         candidates: bool ``[B, P]``: droppable prompt tokens. keep: bool ``[B, P]``: always kept.
         budget: prompt entries per layer/head (kept tokens count against it first).
-        capture: query states of the scoring tokens (``paper`` policy).
+        policy: ``"paper"``/``"last"`` score with the captured queries; ``"streaming"`` by recency.
+        capture: query states of the scoring tokens (needed by ``paper`` and ``last``).
         extra_capacity: columns reserved after the selection for generated tokens.
+        dtype: the draft buffer's dtype (default: the dense buffer's).
+        keep_scores: keep the scores in the result (for re-selection during decoding).
     """
     n_layers, b, hkv, _, d = dense.k.shape
     n_keep = keep.sum(dim=1)
     n_cand = candidates.sum(dim=1)
     n_sel = n_keep + torch.minimum((budget - n_keep).clamp(min=0), n_cand)
     base = int(n_sel.max())
-    draft = KVBuffer.empty(n_layers, b, hkv, base + extra_capacity, d, dense.k.dtype, dense.k.device)
+    draft = KVBuffer.empty(n_layers, b, hkv, base + extra_capacity, d, dtype or dense.k.dtype, dense.k.device)
+    sel = Selection(draft, n_sel, base, n_cand)
     if base == 0:
-        return Selection(draft, n_sel, base, n_cand)
+        return sel
+    if keep_scores:
+        sel.scores = torch.zeros(n_layers, b, hkv, prompt_len, dtype=torch.float32, device=dense.k.device)
     for layer in range(n_layers):
         keys = dense.k[layer][:, :, :prompt_len]
-        if policy == "paper" and capture is not None:
+        if policy in ("paper", "last") and capture is not None:
             score = attention_scores(capture.store[layer], keys, capture.q_cols, lo, scaling)
         else:  # recency: the latest candidates score highest
             score = torch.arange(prompt_len, device=keep.device, dtype=torch.float32).repeat(b, hkv, 1)
-        score.masked_fill_(~candidates.unsqueeze(1), float("-inf"))
-        score.masked_fill_(keep.unsqueeze(1), float("inf"))
-        # Descending order puts kept entries first, then the best candidates; the first n_sel[b]
-        # entries of row b are its selection, anything after is padding masked out by the drafter.
-        idx = score.topk(base, dim=-1, sorted=True).indices  # [B, Hkv, base]
-        gather_idx = idx.unsqueeze(-1).expand(-1, -1, -1, d)
-        draft.k[layer][:, :, :base] = dense.k[layer].gather(2, gather_idx)
-        draft.v[layer][:, :, :base] = dense.v[layer].gather(2, gather_idx)
-    return Selection(draft, n_sel, base, n_cand)
+        if keep_scores:
+            sel.scores[layer] = score
+        gather_selection(dense, sel, layer, score, candidates, keep)
+    return sel

@@ -1,0 +1,192 @@
+"""``gamma="auto"`` and ``budget="auto"``: pick the fastest lossless setting while decoding.
+
+A round that drafts ``g`` tokens costs ``g * c_draft + c_verify(g + 1)`` and commits, per row,
+``E(g) = 1 + a + a^2 + ... + a^g`` tokens when each draft is accepted with probability ``a`` given
+that the drafts before it were. Plain dense decoding commits 1 token per ``c_verify(1)``. The
+controller measures those costs on the running workload (this model, batch, context and machine),
+tracks ``a`` from the rounds so far, and drafts the ``g`` that maximises committed tokens per
+second, which is ``g = 0`` (dense decoding, no drafter call at all) when no draft length can beat
+dense. Dense rounds occasionally re-probe a short draft so a drafter that starts to pay is noticed.
+
+Nothing here changes which tokens are produced: every draft length gives the dense output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import MAX_AUTO_GAMMA
+
+
+def auto_budget(n_keep: int, n_candidates: int) -> int:
+    """The drafter budget ``budget="auto"`` uses for a prompt (per row; the engine takes the max).
+
+    Keeps every non-candidate token plus a quarter of the candidates, within [256, 2048] candidate
+    entries. The rule comes from the budget sweep of ``sparse2dense bench --sweep budget``
+    (see the README): acceptance keeps rising up to about a quarter of a long context, while the
+    drafter's attention cost grows with every entry kept.
+    """
+    return n_keep + min(n_candidates, max(256, min(2048, n_candidates // 4)))
+
+
+def expected_tokens(alpha: float, g: int) -> float:
+    """Committed tokens per row-round with ``g`` drafts, each accepted with probability ``alpha``."""
+    if alpha >= 1.0:
+        return float(g + 1)
+    return (1.0 - alpha ** (g + 1)) / (1.0 - alpha)
+
+
+@dataclass
+class _Ema:
+    """Exponentially weighted mean; ``None`` until the first observation."""
+
+    decay: float
+    value: float | None = None
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value is None else self.decay * self.value + (1 - self.decay) * x
+
+
+@dataclass
+class _Arm:
+    """One drafter the controller may use (e.g. the model's own weights, or a bf16 copy)."""
+
+    name: str
+    c_draft: _Ema = field(default_factory=lambda: _Ema(0.7))
+    acc: float = 0.0
+    trials: float = 0.0
+
+    @property
+    def alpha(self) -> float:
+        """Estimated per-draft acceptance probability (optimistic prior before any data)."""
+        if self.trials <= 0:
+            return 0.8
+        return min(0.995, self.acc / self.trials)
+
+
+@dataclass
+class GammaController:
+    """Chooses each round's drafter and draft length from measured costs and online acceptance.
+
+    Costs (seconds) are learnt from the rounds themselves:
+
+    * ``c_draft``: one draft step (the sparse forward of all rows), per drafter;
+    * ``c_verify(t)``: a dense pass over ``t`` tokens per row, modelled as ``c1 + slope * (t - 1)``
+      where ``c1`` comes from dense rounds and the slope from verify passes of other lengths.
+
+    Acceptance is, per drafter, the maximum-likelihood ``a`` of a geometric model, with old rounds
+    discounted by ``decay`` so a change in the text is followed within a few rounds.
+
+    Args:
+        drafters: names of the drafters to choose from (index = the ``arm`` returned by
+            :meth:`next_round`).
+    """
+
+    drafters: tuple[str, ...] = ("model",)
+    max_gamma: int = MAX_AUTO_GAMMA
+    first_gamma: int = 4
+    decay: float = 0.9
+    probe_every: int = 16
+    margin: float = 1.03  # speculate only when the model expects >= 3% more tokens per second
+    speculate: bool = True  # False: a drafter is unavailable (dense decoding only)
+    reason: str = ""
+    _arms: list[_Arm] = field(default_factory=list)
+    _c1: _Ema = field(default_factory=lambda: _Ema(0.7))
+    _verify: dict[int, _Ema] = field(default_factory=dict)
+    _since_probe: int = 0
+    _probe_gap: int = 0
+    history: list[tuple[int, int]] = field(default_factory=list)  # (arm, gamma) per round
+
+    def __post_init__(self) -> None:
+        self._arms = [_Arm(name) for name in self.drafters]
+
+    # -------------------------------------------------------------- observations
+    def observe(self, arm: int, g: int, draft_s: float, verify_s: float, n_accepted: list[int]) -> None:
+        """Record one round: drafter ``arm``, ``g`` drafts, its timings, accepted drafts per live row."""
+        self.history.append((arm, g))
+        if g == 0:
+            self._c1.add(verify_s)
+            return
+        a = self._arms[arm]
+        a.c_draft.add(draft_s / g)
+        self._verify.setdefault(g + 1, _Ema(0.7)).add(verify_s)
+        a.acc *= self.decay
+        a.trials *= self.decay
+        for n in n_accepted:
+            # Geometric model: n successes, then one failure unless every draft was accepted.
+            a.acc += n
+            a.trials += n + (1 if n < g else 0)
+
+    def alpha(self, arm: int = 0) -> float:
+        return self._arms[arm].alpha
+
+    def verify_cost(self, t: int) -> float | None:
+        """Modelled seconds of a dense pass over ``t`` tokens per row (None before data)."""
+        c1 = self._c1.value
+        if t == 1 or not self._verify:
+            return c1
+        if t in self._verify:
+            return self._verify[t].value
+        if c1 is None:
+            nearest = min(self._verify, key=lambda k: abs(k - t))
+            return self._verify[nearest].value
+        # Linear in t through the dense cost and the measured verify lengths.
+        slopes = [(e.value - c1) / (k - 1) for k, e in self._verify.items()]
+        slope = max(0.0, sum(slopes) / len(slopes))
+        return c1 + slope * (t - 1)
+
+    def expected_speedup(self, g: int, arm: int = 0) -> float | None:
+        """Committed tokens per second with ``g`` drafts from ``arm``, relative to dense decoding."""
+        c1, cd = self._c1.value, self._arms[arm].c_draft.value
+        if c1 is None or cd is None:
+            return None
+        if g == 0:
+            return 1.0
+        cost = g * cd + self.verify_cost(g + 1)
+        return expected_tokens(self._arms[arm].alpha, g) * c1 / cost
+
+    # -------------------------------------------------------------- decisions
+    def next_round(self, room: int) -> tuple[int, int]:
+        """``(arm, gamma)`` for the next round; gamma is at most ``room - 1`` (tokens left)."""
+        limit = max(0, min(self.max_gamma, room - 1))
+        if not self.speculate or limit == 0:
+            return 0, 0
+        if self._c1.value is None:
+            return 0, 0  # the first round measures the dense step
+        for i, a in enumerate(self._arms):
+            if a.c_draft.value is None:  # measure every drafter once
+                return i, min(self.first_gamma, limit)
+        best, best_s = (0, 0), self.margin
+        for i in range(len(self._arms)):
+            for g in range(1, limit + 1):
+                s = self.expected_speedup(g, i)
+                if s is not None and s > best_s:
+                    best, best_s = (i, g), s
+        if best[1] == 0:
+            # Dense is best for now; re-probe a short draft now and then, backing off each time.
+            self._since_probe += 1
+            if self._since_probe >= self.probe_every + self._probe_gap:
+                self._since_probe = 0
+                self._probe_gap = min(4 * self.probe_every, self._probe_gap + self.probe_every)
+                fastest = min(range(len(self._arms)), key=lambda i: self._arms[i].c_draft.value)
+                return fastest, min(2, limit)
+            return 0, 0
+        self._since_probe = 0
+        self._probe_gap = 0
+        return best
+
+    def summary(self) -> dict:
+        """What the controller decided, for the stats."""
+        spec = [(a, g) for a, g in self.history if g > 0]
+        return {
+            "rounds": len(self.history),
+            "speculative_rounds": len(spec),
+            "dense_rounds": len(self.history) - len(spec),
+            "mean_gamma": sum(g for _, g in spec) / len(spec) if spec else 0.0,
+            "rounds_per_drafter": {a.name: sum(1 for i, _ in spec if i == k) for k, a in enumerate(self._arms)},
+            "alpha": {a.name: round(a.alpha, 4) for a in self._arms},
+            "dense_step_ms": None if self._c1.value is None else round(1000 * self._c1.value, 3),
+            "draft_step_ms": {a.name: None if a.c_draft.value is None else round(1000 * a.c_draft.value, 3)
+                              for a in self._arms},
+            "reason": self.reason,
+        }

@@ -1,0 +1,246 @@
+"""gamma="auto", budget="auto", draft_dtype, the "last" policy, re-selection and sparse-only decoding.
+
+Every lossless setting is compared token for token with ``model.generate(do_sample=False)`` on tiny
+fp32 models; the controller's decisions are checked on synthetic costs where the right answer is
+known, so a controller that ignores its measurements fails.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import FULL_ATTENTION_ARCHS, PAD_ID, make_batch
+from test_parity_text import cfg, check_parity
+
+import sparse2dense
+from sparse2dense import StdConfig
+from sparse2dense.adaptive import GammaController, auto_budget, expected_tokens
+from sparse2dense.adapters import get_adapter
+from sparse2dense.attention import attention_routed
+from sparse2dense.drafter import copy_nbytes, draft_model
+from sparse2dense.engine import _Run
+
+
+# --------------------------------------------------------------------------------- lossless settings
+@pytest.mark.parametrize("arch", FULL_ATTENTION_ARCHS)
+def test_auto_gamma_and_budget_are_lossless(tiny_model, arch):
+    model = tiny_model(arch)
+    gen = torch.Generator().manual_seed(21)
+    rng = random.Random(arch)
+    for lens in ([420], [300, 120, 260], [64], [700, 500]):
+        ids, mask = make_batch(gen, lens)
+        out = check_parity(model, ids, mask, rng.choice([1, 9, 40]), cfg("auto", "auto"), both=len(lens) == 1)
+        assert out.stats.gamma_mode == "auto"
+        assert out.stats.speculation in ("on", "off", "partial")
+        if out.stats.speculation == "off":
+            assert out.stats.fallback_reason
+
+
+@pytest.mark.parametrize("draft_dtype", [torch.bfloat16, torch.float16, "bf16", "auto"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_low_precision_drafter_is_lossless(tiny_model, arch, draft_dtype):
+    model = tiny_model(arch)
+    gen = torch.Generator().manual_seed(7)
+    stats = []
+    for lens, gamma in (([400], 6), ([350, 200, 90, 300], 4), ([500], "auto")):
+        ids, mask = make_batch(gen, lens)
+        out = check_parity(model, ids, mask, 30, cfg(32, gamma, draft_dtype=draft_dtype), both=len(lens) == 1)
+        stats.append(out.stats)
+    fixed = stats[0]
+    if draft_dtype != "auto":
+        assert fixed.draft_dtype in ("bfloat16", "float16")
+        assert fixed.draft_weights_mb > 0
+        assert fixed.drafted > 0 and fixed.accepted > 0
+    # the model itself is untouched: its parameters stay fp32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_draft_copy_shares_nothing_it_should_not(llama):
+    copy = draft_model(llama, torch.bfloat16)
+    assert copy is draft_model(llama, torch.bfloat16)  # made once
+    assert draft_model(llama, torch.float32) is llama
+    lang = [p for p in copy.parameters()]
+    assert all(p.dtype == torch.bfloat16 for p in lang)
+    assert not any(p is q for p in lang for q in llama.parameters())
+    n = sum(p.numel() for p in llama.parameters())
+    assert copy_nbytes(llama, torch.bfloat16) == 2 * n
+    # rotary frequencies stay in full precision
+    assert all(b.dtype == torch.float32 for name, b in copy.named_buffers() if "inv_freq" in name)
+
+
+@pytest.mark.parametrize("policy", ["last", "paper", "streaming"])
+@pytest.mark.parametrize("reselect_every", [0, 1, 3])
+def test_policies_and_reselection_are_lossless(llama, policy, reselect_every):
+    gen = torch.Generator().manual_seed(31)
+    for lens in ([450], [380, 150, 300]):
+        ids, mask = make_batch(gen, lens)
+        out = check_parity(llama, ids, mask, 28, cfg(24, 5, policy=policy, reselect_every=reselect_every),
+                           both=False)
+        assert out.stats.drafted > 0
+        if reselect_every and policy != "streaming":
+            assert out.stats.reselections > 0
+        else:
+            assert out.stats.reselections == 0
+
+
+def test_reselection_changes_the_drafter(llama):
+    """Re-selection really re-gathers: the draft cache's prompt region differs from the initial one."""
+    gen = torch.Generator().manual_seed(2)
+    ids, mask = make_batch(gen, [500])
+    config = cfg(24, 4, reselect_every=2)
+    run = _Run(llama, get_adapter(llama), config, ids, mask, 20, [], PAD_ID, None, None, None, None, {}, None)
+    with torch.inference_mode(), attention_routed(llama):
+        run.prefill()
+        run.select()
+        before = run.selection.buffer.k[:, :, :, : run.selection.base].clone()
+        run.decode()
+    after = run.selection.buffer.k[:, :, :, : run.selection.base]
+    assert run.stats.reselections > 0
+    assert not torch.equal(before, after)
+
+
+def test_last_policy_scores_with_other_queries_than_paper(llama):
+    gen = torch.Generator().manual_seed(4)
+    ids, mask = make_batch(gen, [400])
+    picks = {}
+    for policy in ("paper", "last"):
+        run = _Run(llama, get_adapter(llama), cfg(24, 4, policy=policy, observe_last=3), ids, mask, 4, [], PAD_ID,
+                   None, None, None, None, {}, None)
+        with torch.inference_mode(), attention_routed(llama):
+            run.prefill()
+            run.select()
+        picks[policy] = run.selection.buffer.k[:, :, :, : run.selection.base].clone()
+    assert not torch.equal(picks["paper"], picks["last"])
+
+
+def test_one_prefill_serves_several_policies(llama):
+    """The bench selects each policy from one prefill; each must equal its own fresh run."""
+    gen = torch.Generator().manual_seed(8)
+    ids, mask = make_batch(gen, [420, 300])
+    shared = _Run(llama, get_adapter(llama), cfg(24, 4), ids, mask, 4, [], PAD_ID, None, None, None, None, {}, None)
+    shared.score_policies = {"paper", "last"}
+    with torch.inference_mode(), attention_routed(llama):
+        shared.prefill()
+        for policy in ("paper", "last", "streaming"):
+            shared.select(policy, keep_capture=True)
+            got = shared.selection.buffer.k[:, :, :, : shared.selection.base].clone()
+            alone = _Run(llama, get_adapter(llama), cfg(24, 4, policy=policy), ids, mask, 4, [], PAD_ID, None,
+                         None, None, None, {}, None)
+            alone.prefill()
+            alone.select()
+            assert torch.equal(got, alone.selection.buffer.k[:, :, :, : alone.selection.base]), policy
+
+
+# --------------------------------------------------------------------------------- sparse-only (lossy)
+def test_sparse_only_is_the_drafter_alone(llama):
+    """With the whole prompt in budget the drafter is the dense model: sparse-only == dense; with a
+    small budget it differs somewhere (it is lossy, which is why it is only a bench method)."""
+    gen = torch.Generator().manual_seed(9)
+    ids, mask = make_batch(gen, [300])
+    seqs = {}
+    for budget in (100000, 8):
+        run = _Run(llama, get_adapter(llama), cfg(budget, 4), ids, mask, 40, [], PAD_ID, None, None, None, None,
+                   {}, None)
+        with torch.inference_mode(), attention_routed(llama):
+            run.prefill()
+            run.select()
+            snap = run.snapshot()
+            run.decode(gamma=0)
+            dense = run.output().sequences.clone()
+            run.restore(snap)
+            run.decode(sparse_only=True)
+            seqs[budget] = (dense, run.output().sequences.clone())
+    dense, full = seqs[100000]
+    assert torch.equal(dense, full)
+    dense, sparse = seqs[8]
+    assert sparse.shape == dense.shape
+    assert not torch.equal(dense, sparse)
+
+
+# --------------------------------------------------------------------------------- the controller
+def _feed(ctl: GammaController, c1: float, c_draft: float, verify_slope: float, alpha: float, rounds: int,
+          rng: random.Random, arm_costs=None) -> list[int]:
+    """Simulate rounds with known costs and acceptance; returns the gammas chosen."""
+    chosen = []
+    for _ in range(rounds):
+        arm, g = ctl.next_round(room=1000)
+        cd = arm_costs[arm] if arm_costs else c_draft
+        n = 0
+        while n < g and rng.random() < alpha:
+            n += 1
+        ctl.observe(arm, g, g * cd, c1 + verify_slope * g, [n])
+        chosen.append((arm, g))
+    return chosen
+
+
+def test_controller_turns_speculation_off_when_drafts_cost_as_much_as_dense():
+    ctl = GammaController()
+    chosen = _feed(ctl, c1=1.0, c_draft=0.95, verify_slope=0.3, alpha=0.6, rounds=200, rng=random.Random(0))
+    late = [g for _, g in chosen[50:]]
+    assert sum(g == 0 for g in late) > 0.8 * len(late)
+    assert ctl.summary()["dense_rounds"] > 150
+
+
+def test_controller_drafts_long_when_drafts_are_cheap_and_accepted():
+    ctl = GammaController()
+    chosen = _feed(ctl, c1=1.0, c_draft=0.1, verify_slope=0.02, alpha=0.95, rounds=100, rng=random.Random(1))
+    late = [g for _, g in chosen[20:]]
+    assert min(late) >= 6 and sum(late) / len(late) >= 9
+
+
+def test_controller_picks_gamma_that_maximises_modelled_speed():
+    ctl = GammaController()
+    _feed(ctl, c1=1.0, c_draft=0.3, verify_slope=0.1, alpha=0.7, rounds=300, rng=random.Random(2))
+    best = max(range(0, 13), key=lambda g: expected_tokens(0.7, g) / (g * 0.3 + 1 + 0.1 * g) if g else 1.0)
+    arm, g = ctl.next_round(room=1000)
+    assert abs(g - best) <= 1, (g, best, ctl.summary())
+
+
+def test_controller_prefers_the_cheaper_drafter():
+    ctl = GammaController(drafters=("float32", "bfloat16"))
+    chosen = _feed(ctl, c1=1.0, c_draft=0.0, verify_slope=0.05, alpha=0.85, rounds=100, rng=random.Random(3),
+                   arm_costs=(0.4, 0.15))
+    late = [a for a, g in chosen[20:] if g > 0]
+    assert late and sum(a == 1 for a in late) > 0.9 * len(late)
+
+
+def test_controller_respects_room():
+    ctl = GammaController()
+    _feed(ctl, c1=1.0, c_draft=0.05, verify_slope=0.01, alpha=0.95, rounds=30, rng=random.Random(4))
+    assert ctl.next_round(room=3)[1] <= 2
+    assert ctl.next_round(room=1)[1] == 0
+
+
+def test_auto_budget_rule():
+    assert auto_budget(68, 10) == 78  # everything fits
+    assert auto_budget(68, 8000) == 68 + 2000
+    assert auto_budget(68, 1200) == 68 + 300
+    assert auto_budget(68, 100000) == 68 + 2048
+
+
+def test_short_prompt_auto_decodes_densely_and_says_why(llama):
+    gen = torch.Generator().manual_seed(1)
+    ids, mask = make_batch(gen, [40])
+    out = check_parity(llama, ids, mask, 12, StdConfig(budget="auto", gamma="auto"))
+    assert out.stats.speculation == "off"
+    assert "budget" in out.stats.fallback_reason
+    assert out.stats.drafted == 0
+
+
+@pytest.mark.parametrize("bad", [dict(gamma="fast"), dict(budget="big"), dict(draft_dtype="int3"),
+                                 dict(reselect_every=-1), dict(observe_last=0), dict(policy="random")])
+def test_bad_settings_raise_one_sentence(bad):
+    with pytest.raises(ValueError) as err:
+        StdConfig(**bad)
+    assert "\n" not in str(err.value)
+
+
+def test_generate_accepts_auto_keywords(llama):
+    gen = torch.Generator().manual_seed(5)
+    ids, mask = make_batch(gen, [300])
+    ref = check_parity(llama, ids, mask, 16, cfg(32, 4), both=False).sequences
+    out = sparse2dense.generate(llama, ids, mask, max_new_tokens=16, gamma="auto", budget="auto",
+                                draft_dtype=torch.bfloat16, pad_token_id=PAD_ID)
+    assert torch.equal(out.sequences, ref)
