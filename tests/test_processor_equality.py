@@ -26,6 +26,7 @@ Two references:
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -256,3 +257,78 @@ def test_smolvlm_video_processor(frames, longest_edge, frame_size):
     ref = proc(videos=[frames], return_tensors="pt")
     torch.testing.assert_close(ours, ref["pixel_values"], atol=EXACT_ATOL, rtol=0)
     assert torch.equal(mask, ref["pixel_attention_mask"])
+
+
+# ------------------------------------------------------------------------------ SmolVLM prompt text
+SMOLVLM_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"]
+HAS_NUM2WORDS = importlib.util.find_spec("num2words") is not None
+
+
+def tiny_smolvlm(tok, image_token_id: int, image_size: int = 32):
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = SmolVLMConfig(
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=image_size, patch_size=4),
+        image_token_id=image_token_id, scale_factor=2)
+    return SmolVLMForConditionalGeneration(cfg).eval()
+
+
+@pytest.mark.parametrize("n,words", [
+    (0, "zero"), (1, "one"), (8, "eight"), (13, "thirteen"), (20, "twenty"), (21, "twenty-one"), (64, "sixty-four"),
+    (100, "one hundred"), (101, "one hundred and one"), (120, "one hundred and twenty"),
+    (999, "nine hundred and ninety-nine"), (1000, "one thousand"), (1001, "one thousand and one"),
+    (1100, "one thousand, one hundred"), (1234, "one thousand, two hundred and thirty-four"),
+    (100001, "one hundred thousand and one"), (1000001, "one million and one"),
+    (1234567, "one million, two hundred and thirty-four thousand, five hundred and sixty-seven"),
+])
+def test_number_words(n, words, monkeypatch):
+    """The frame count in words, as num2words writes it (our own spelling: num2words made unimportable)."""
+    from sparse2dense.video_inputs import number_words
+
+    monkeypatch.setitem(sys.modules, "num2words", None)
+    assert number_words(n) == words
+
+
+@pytest.mark.skipif(not HAS_NUM2WORDS, reason="num2words is not installed (pip install num2words)")
+def test_number_words_agrees_with_num2words(monkeypatch):
+    """Our own spelling (num2words made unimportable) against num2words itself."""
+    from num2words import num2words
+
+    from sparse2dense.video_inputs import number_words
+
+    monkeypatch.setitem(sys.modules, "num2words", None)
+    for n in [*range(0, 2100), 10**4 + 7, 99_999, 123_456, 1_000_000, 2_003_004, 987_654_321]:
+        assert number_words(n) == num2words(n), n
+
+
+@needs_torchvision
+@pytest.mark.skipif(not HAS_NUM2WORDS, reason="SmolVLMProcessor needs num2words (pip install num2words)")
+@pytest.mark.parametrize("times", ["decoded", "none", "over_an_hour"])
+def test_smolvlm_processor_prompt_and_pixels(frames, times):
+    """Our SmolVLM inputs (no processor) == SmolVLMProcessor's, token for token."""
+    from transformers import SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
+
+    from sparse2dense.video_inputs import build_video_inputs, image_seq_len
+    from test_cli_video import demo_tokenizer_with
+
+    tok, ids = demo_tokenizer_with(SMOLVLM_TOKENS)
+    model = tiny_smolvlm(tok, ids[1])
+    s = SmolVLMVideoSettings.from_model(model)
+    stamps, duration = {"decoded": ([0.0, 0.4, 0.8, 1.2], 1.5), "none": (None, None),
+                        "over_an_hour": ([0.0, 59.99, 61.2, 3725.0], 3726.4)}[times]
+    processor = SmolVLMProcessor(SmolVLMImageProcessor(), tok,
+                                 SmolVLMVideoProcessor(size={"longest_edge": s.longest_edge},
+                                                       max_image_size={"longest_edge": s.frame_size}),
+                                 image_seq_len=image_seq_len(model, s.frame_size))
+    ref = build_video_inputs(model, processor, frames, "What moves?", timestamps=stamps, duration=duration)
+    ours = build_video_inputs(model, tok, frames, "What moves?", timestamps=stamps, duration=duration)
+    assert set(ours) == {"input_ids", "attention_mask", "pixel_values", "pixel_attention_mask"} <= set(ref)
+    assert torch.equal(ours["input_ids"], ref["input_ids"]), (tok.decode(ours["input_ids"][0]),
+                                                             tok.decode(ref["input_ids"][0]))
+    assert torch.equal(ours["attention_mask"], ref["attention_mask"])
+    torch.testing.assert_close(ours["pixel_values"], ref["pixel_values"], atol=EXACT_ATOL, rtol=0)
+    assert torch.equal(ours["pixel_attention_mask"], ref["pixel_attention_mask"])
