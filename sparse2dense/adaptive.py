@@ -58,10 +58,12 @@ class _Arm:
 
     @property
     def alpha(self) -> float:
-        """Estimated per-draft acceptance probability (optimistic prior before any data)."""
-        if self.trials <= 0:
-            return 0.8
-        return min(0.995, self.acc / self.trials)
+        """Estimated per-draft acceptance probability.
+
+        Two pseudo-trials at 0.8 act as a prior, so one unlucky early round does not switch
+        speculation off for good (the data outweigh the prior after a few rounds).
+        """
+        return min(0.995, (self.acc + 1.6) / (self.trials + 2.0))
 
 
 @dataclass

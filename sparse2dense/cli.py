@@ -115,20 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_std_args(demo, gamma_default=6)
     demo.add_argument("--json", action="store_true", help="print one JSON document instead of text")
 
+    from .bench import suite
+
     bench = sub.add_parser(
-        "bench", help="measure dense baselines and StD side by side on real weights (the README table)",
-        description="Runs transformers generate (static cache), the sparse2dense dense loop and Sparse-to-Dense "
-                    "on SmolLM2-135M with real text, in one process on identical inputs, and prints decode-phase "
-                    "ms per step, the speedup over the fastest dense baseline, acceptance and token identity. "
-                    "Step-level costs: python -m sparse2dense.bench.steps.",
+        "bench", help="every decoding method side by side on real weights, with sweeps, JSON and plots",
+        description=suite.__doc__.split("\n\n")[0] + " Methods: " + "; ".join(
+            f"{k} = {v}" for k, v in suite.METHODS.items()) + ". Writes results.md, results.json and "
+            "PNG plots to --out. A full --sweep all takes hours on a 2-core CPU; one point takes minutes.",
+        epilog="Examples: sparse2dense bench   (base point: batch 1, 8000 tokens)\n"
+               "          sparse2dense bench --sweep batch --context 4000 --methods hf-static,dense,std,auto",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bench.add_argument("--scenarios", default="1x8000,8x6000",
-                       help="comma-separated BATCHxCONTEXT settings (default: 1x8000,8x6000)")
-    bench.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=64,
-                       help="tokens per row (default: 64)")
-    bench.add_argument("--budget", type=_positive("--budget"), default=1024, help="drafter budget (default: 1024)")
-    bench.add_argument("--gamma", type=_non_negative("--gamma"), default=6, help="draft tokens per round (default: 6)")
-    bench.add_argument("--json-out", default=None, help="also write the full results as JSON to this file")
+    suite.add_arguments(bench)
 
     gen = sub.add_parser(
         "generate", help="generate text with any supported model",
@@ -241,20 +239,34 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import re
+    import json
 
-    from .bench import speed
+    from .bench import suite
 
-    if not re.fullmatch(r"\s*\d+x\d+\s*(,\s*\d+x\d+\s*)*", args.scenarios):
-        raise UserError(f"--scenarios must look like 1x8000,8x6000; got {args.scenarios!r}")
-    if any(int(part.split("x")[0]) < 1 or int(part.split("x")[1]) < 16 for part in args.scenarios.split(",")):
-        raise UserError("--scenarios needs batch >= 1 and context >= 16")
+    for name in ("batch", "context", "budget", "max_new_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 1 <= args.gamma <= 12:
+        raise UserError(f"--gamma must be between 1 and 12, got {args.gamma}")
+    try:
+        suite.points_for(args)
+        for dim in suite.SWEEP_DEFAULTS:
+            suite._ints(getattr(args, f"{dim}s"))
+    except ValueError as exc:
+        raise UserError(str(exc).replace("invalid literal for int() with base 10", "sweep values must be integers"))
     _quiet_transformers()
-    argv = ["--scenarios", args.scenarios, "--max-new-tokens", str(args.max_new_tokens), "--budget", str(args.budget),
-            "--gamma", str(args.gamma)]
-    if args.json_out:
-        argv += ["--json-out", args.json_out]
-    return speed.main(argv)
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        data = suite.run(args, say=say)
+    except ValueError as exc:
+        raise UserError(str(exc))
+    print(json.dumps(data, indent=1, default=str) if args.json else data["markdown"])
+    if data["plots"]:
+        say("plots: " + ", ".join(data["plots"]))
+    say(f"results: {args.out}/results.json, {args.out}/results.md")
+    lossless_ok = all(r["identical"] is not False for p in data["points"] for r in p["rows"]
+                      if r["method"] != "sparse-only")
+    return 0 if lossless_ok else 1
 
 
 def _threads() -> int:

@@ -130,16 +130,42 @@ def test_bad_sampling_and_stream_options(args, fragment):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and fragment in proc.stderr, proc.stderr
 
 
-def test_bench_rejects_bad_scenarios():
-    proc = run("bench", "--scenarios", "1x")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--scenarios" in proc.stderr
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--gamma", "0"], "--gamma"),
+        (["--batch", "0"], "--batch"),
+        (["--sweep", "colour"], "colour"),
+        (["--methods", "dense,magic"], "magic"),
+        (["--sweep", "batch", "--batchs", "1,x"], "integers"),
+    ],
+)
+def test_bench_rejects_bad_settings(args, fragment):
+    proc = run("bench", *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and fragment in proc.stderr, proc.stderr
 
 
 @pytest.mark.slow
-def test_bench_small_table(tmp_path):
-    out = tmp_path / "speed.json"
-    proc = run("bench", "--scenarios", "1x300", "--max-new-tokens", "6", "--json-out", str(out))
+def test_bench_point_runs_every_method(tmp_path):
+    """One small sweep with every method: lossless methods identical, sparse-only lossy, files written."""
+    from sparse2dense.bench import suite
+
+    out = tmp_path / "bench"
+    proc = run("bench", "--context", "500", "--budget", "64", "--gamma", "4", "--max-new-tokens", "8",
+               "--repeats", "1", "--sweep", "gamma", "--gammas", "2,4", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert "speedup vs fastest dense" in proc.stdout
-    result = json.loads(out.read_text())
-    assert result["scenarios"][0]["identical"] is True
+    assert "| method |" in proc.stdout and "prompt-lookup" in proc.stdout
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["points"]) == 2
+    for point in data["points"]:
+        rows = {r["method"]: r for r in point["rows"]}
+        assert set(rows) == set(suite.METHODS)
+        for name, r in rows.items():
+            if name != "sparse-only":
+                assert r["identical"] is True, name
+        assert rows["sparse-only"]["differing_tokens"] is not None
+        assert rows["std"]["limit"] is not None and rows["std"]["limit"] > 0
+        fastest = min(rows[m]["decode_ms_per_step"] for m in suite.DENSE_BASELINES)
+        assert abs(rows["std"]["speedup"] - fastest / rows["std"]["decode_ms_per_step"]) < 1e-9
+    assert (out / "results.md").is_file()
+    assert (out / "speedup_vs_gamma.png").stat().st_size > 1000

@@ -1,0 +1,463 @@
+"""``sparse2dense bench``: every decoding method side by side, on one model, machine and input set.
+
+For each point of a sweep (batch size x context length x budget x gamma) the suite builds chat
+prompts of real text (Python's documentation, see :mod:`sparse2dense.demo`) and runs, interleaved
+over repeats so that machine drift hits every method alike:
+
+* dense baselines: transformers ``generate`` with its default (dynamic) cache and with a static
+  cache, and sparse2dense's own dense loop;
+* Sparse-to-Dense with the paper's selection (fp32 and bf16 drafter weights), with a StreamingLLM
+  drafter (sinks + recent window), with selection from the last prompt tokens only, and with
+  re-selection from the verifier's queries during decoding;
+* ``gamma="auto", budget="auto"``, with and without ``draft_dtype=torch.bfloat16``;
+* transformers prompt-lookup decoding (batch 1; transformers' assisted decoding is batch-1 only);
+* sparse-only decoding (the drafter alone, lossy): how many output tokens differ from dense.
+
+sparse2dense's methods share one prefill and decode in turn from the same state; transformers'
+methods run their own ``generate`` and are timed from their first new token. Speedups are
+decode-phase times relative to the **fastest** dense baseline of the same point. The cost model
+turns the measured step costs into the best speedup perfect acceptance would give (the limit) and
+the speedup expected at the measured acceptance; the measured speedup divided by the latter shows
+what the loop's own overheads cost.
+
+Outputs: a Markdown table on stdout (and ``results.md``), ``results.json`` and, with matplotlib,
+PNG plots of speedup versus each swept dimension, all under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..adapters import get_adapter
+from ..attention import attention_routed
+from ..config import AUTO, StdConfig
+from ..drafter import draft_model
+from ..engine import _check_inputs, _Run, resolve_special_tokens
+from .compare import time_hf_generate
+
+DENSE_BASELINES = ("hf-dynamic", "hf-static", "dense")
+METHODS = {
+    "hf-dynamic": "transformers generate, default cache",
+    "hf-static": "transformers generate, static cache",
+    "dense": "sparse2dense dense loop",
+    "std": "StD, paper selection",
+    "std-bf16": "StD, paper selection, bf16 drafter weights",
+    "streaming": "StD, StreamingLLM drafter (sinks + recent)",
+    "last": "StD, selection by the last prompt tokens",
+    "reselect": "StD, re-selection every 8 rounds",
+    "auto": "StD gamma=auto budget=auto",
+    "auto-bf16": "StD gamma=auto budget=auto draft_dtype=bf16",
+    "prompt-lookup": "transformers prompt lookup (10 tokens)",
+    "sparse-only": "drafter alone, no verification (LOSSY)",
+}
+LOSSLESS_STD = ("std", "std-bf16", "streaming", "last", "reselect", "auto", "auto-bf16")
+
+
+@dataclass
+class Point:
+    """One benchmark setting."""
+
+    batch: int
+    context: int
+    budget: int
+    gamma: int
+
+
+@dataclass
+class MethodRow:
+    """One method at one point (medians over repeats)."""
+
+    method: str
+    decode_ms_per_step: float
+    e2e_s: float
+    tokens_per_s: float
+    speedup: float = float("nan")  # over the fastest dense baseline of the point (decode phase)
+    mean_accepted_per_round: float | None = None
+    acceptance_rate: float | None = None
+    memory_mb: float | None = None  # KV caches (+ drafter weight copy) this method allocates
+    identical: bool | None = None  # output == transformers greedy output
+    differing_tokens: int | None = None  # sparse-only: generated tokens that differ from dense
+    limit: float | None = None  # cost model: speedup at perfect acceptance
+    expected: float | None = None  # cost model: speedup at the measured acceptance
+    fraction_of_expected: float | None = None
+    note: str = ""
+    stats: dict = field(default_factory=dict)
+
+
+def _kv_mb(model, batch: int, tokens: int) -> float:
+    """KV cache memory of ``batch`` rows of ``tokens`` tokens at the model's precision."""
+    a = get_adapter(model)
+    elem = next(model.parameters()).element_size()
+    return 2 * a.num_layers * batch * a.num_kv_heads * a.head_dim * tokens * elem / 2**20
+
+
+class Bench:
+    """Runs the methods at one point; see the module docstring."""
+
+    def __init__(self, model, tokenizer, methods: list[str], max_new_tokens: int, repeats: int,
+                 progress: Callable[[str], None] = print):
+        self.model = model
+        self.tok = tokenizer
+        self.methods = methods
+        self.max_new = max_new_tokens
+        self.repeats = repeats
+        self.say = progress
+
+    # ------------------------------------------------------------------ one point
+    def run_point(self, point: Point) -> list[MethodRow]:
+        from ..demo import build_prompts
+
+        model = self.model
+        ids, mask = build_prompts(self.tok, point.batch, point.context)
+        adapter = get_adapter(model)
+        ids, mask = _check_inputs(ids, mask, self.max_new, adapter)
+        eos, pad = resolve_special_tokens(model)
+        # One run object: max_gamma 12 so every fixed gamma and "auto" fit its buffers.
+        base_cfg = StdConfig(budget=point.budget, gamma=AUTO)
+        run = _Run(model, adapter, base_cfg, ids, mask, self.max_new, eos, pad, None, None, None, None, {}, None)
+        run.score_policies = {"paper", "last"}
+        timings: dict[str, list[float]] = {m: [] for m in self.methods}
+        e2e: dict[str, list[float]] = {m: [] for m in self.methods}
+        outputs: dict[str, torch.Tensor] = {}
+        stats: dict[str, dict] = {}
+        notes: dict[str, str] = {}
+        with torch.inference_mode(), attention_routed(model):
+            t0 = time.perf_counter()
+            run.prefill()
+            prefill_s = time.perf_counter() - t0
+            snap = run.snapshot()
+        with torch.inference_mode():
+            for r in range(self.repeats):
+                order = self.methods[r % len(self.methods):] + self.methods[: r % len(self.methods)]
+                for method in order:
+                    self.say(f"  {method} (repeat {r + 1}/{self.repeats})")
+                    if method.startswith("hf-") or method == "prompt-lookup":
+                        res = self._hf(method, ids, mask, notes)
+                        if res is None:
+                            continue
+                        seq, dec, total = res
+                    else:
+                        with attention_routed(model):
+                            seq, dec, sel_s, st = self._ours(run, snap, method, point)
+                        total = prefill_s + sel_s + dec
+                        stats[method] = st
+                    outputs[method] = seq
+                    timings[method].append(dec)
+                    e2e[method].append(total)
+        return self._rows(point, ids, timings, e2e, outputs, stats, notes)
+
+    def _hf(self, method, ids, mask, notes):
+        kwargs = {}
+        if method == "hf-static":
+            kwargs["cache_implementation"] = "static"
+        if method == "prompt-lookup":
+            if ids.shape[0] != 1:
+                notes[method] = "batch 1 only in transformers"
+                return None
+            kwargs["prompt_lookup_num_tokens"] = 10
+        res = time_hf_generate(self.model, ids, mask, self.max_new, name=method, **kwargs)
+        return res.sequences, res.decode_s, res.prefill_s + res.decode_s
+
+    def _ours(self, run: _Run, snap: dict, method: str, point: Point):
+        model = self.model
+        own = [(str(next(model.parameters()).dtype).removeprefix("torch."), model)]
+        bf16 = [("bfloat16", draft_model(model, torch.bfloat16))] if next(model.parameters()).dtype != torch.bfloat16 else []
+        cfg = StdConfig(budget=point.budget, gamma=point.gamma)
+        drafters, budget, policy, gamma, sparse = own, point.budget, "paper", point.gamma, False
+        if method == "std-bf16":
+            drafters = bf16 or own
+        elif method in ("streaming", "last"):
+            policy = method
+        elif method == "reselect":
+            cfg = replace(cfg, reselect_every=8)
+        elif method in ("auto", "auto-bf16"):
+            cfg = replace(cfg, gamma=AUTO, budget=AUTO)
+            gamma = AUTO
+            budget = max(_auto_budget(run))
+            if method == "auto-bf16":
+                drafters = own + bf16
+        elif method == "sparse-only":
+            sparse = True
+        run.cfg = replace(cfg, policy=policy)
+        run.drafters, run.drafter = drafters, drafters[0][1]
+        run.budget = budget
+        run.restore(snap)
+        run.stats.budget = budget
+        run.stats.draft_dtype = drafters[-1][0] if drafters is not own else None
+        sel_s = 0.0
+        if method == "dense":
+            run.decode(gamma=0)
+        else:
+            t0 = time.perf_counter()
+            run.select(policy, keep_capture=True)
+            sel_s = time.perf_counter() - t0
+            if method in ("auto", "auto-bf16"):
+                _maybe_drop_drafter(run)
+            run.decode(gamma=gamma, sparse_only=sparse)
+        out = run.output()
+        st = out.stats.to_dict()
+        st["time_selection"] = sel_s
+        st["draft_weights_mb"] = (sum(p.numel() * p.element_size() for p in bf16[0][1].parameters()) / 2**20
+                                  if bf16 and any(d is bf16[0][1] for _, d in drafters) else 0.0)
+        return out.sequences.clone(), out.stats.time_decode, sel_s, st
+
+    # ------------------------------------------------------------------ summary
+    def _rows(self, point, ids, timings, e2e, outputs, stats, notes) -> list[MethodRow]:
+        steps = self.max_new - 1
+        ref = outputs.get("hf-static", outputs.get("hf-dynamic", outputs.get("dense")))
+        prompt = ids.shape[1]
+        rows: dict[str, MethodRow] = {}
+        for m in self.methods:
+            if not timings[m]:
+                rows[m] = MethodRow(m, float("nan"), float("nan"), float("nan"), note=notes.get(m, "not run"))
+                continue
+            dec = statistics.median(timings[m])
+            seq = outputs[m]
+            new = (seq[:, prompt:] != -1).sum().item()
+            row = MethodRow(m, 1000 * dec / steps, statistics.median(e2e[m]), new / dec if dec else float("nan"),
+                            note=notes.get(m, ""))
+            if ref is not None:
+                same_shape = seq.shape == ref.shape
+                row.identical = bool(same_shape and torch.equal(seq, ref))
+                if m == "sparse-only":
+                    width = min(seq.shape[1], ref.shape[1])
+                    row.differing_tokens = int((seq[:, prompt:width] != ref[:, prompt:width]).sum()) + abs(
+                        seq.shape[1] - ref.shape[1]) * seq.shape[0]
+            st = stats.get(m)
+            if st:
+                row.stats = st
+                if m not in ("dense", "sparse-only"):
+                    row.mean_accepted_per_round = st["mean_accepted_per_round"]
+                    row.acceptance_rate = st["acceptance_rate"]
+                row.memory_mb = st["dense_cache_mb"] + (st["draft_cache_mb"] if m != "dense" else 0) + \
+                    st.get("draft_weights_mb", 0.0)
+            else:
+                row.memory_mb = _kv_mb(self.model, point.batch, prompt + self.max_new)
+            rows[m] = row
+        dense_ms = [rows[m].decode_ms_per_step for m in DENSE_BASELINES if m in rows and rows[m].stats is not None]
+        dense_ms = [x for x in dense_ms if x == x]
+        fastest = min(dense_ms) if dense_ms else float("nan")
+        for row in rows.values():
+            row.speedup = fastest / row.decode_ms_per_step if row.decode_ms_per_step == row.decode_ms_per_step else float("nan")
+        own_dense = rows.get("dense")
+        for m in LOSSLESS_STD:
+            row = rows.get(m)
+            if row is None or not row.stats or own_dense is None or own_dense.note:
+                continue
+            _cost_model(row, own_dense, fastest)
+        return [rows[m] for m in self.methods]
+
+
+def _auto_budget(run: _Run) -> list[int]:
+    from ..adaptive import auto_budget
+
+    return [auto_budget(k, c) for k, c in zip(run.keep.sum(dim=1).tolist(), run.candidates.sum(dim=1).tolist())]
+
+
+def _maybe_drop_drafter(run: _Run) -> None:
+    """What :meth:`_Run.maybe_select` decides for ``gamma="auto"``: no drafter when it cannot help."""
+    if all(d is run.model for _, d in run.drafters):
+        n = run.keep.sum(dim=1) + run.candidates.sum(dim=1)
+        if bool((n <= run.budget).all()):
+            run.no_drafter_reason = "the prompt fits the drafter budget"
+            run.selection = None
+
+
+def _cost_model(row: MethodRow, dense: MethodRow, fastest_ms: float) -> None:
+    """Fill ``limit``, ``expected`` and ``fraction_of_expected`` from the measured step costs.
+
+    A round of ``g`` drafts costs ``g * draft + verify(g+1)`` (both measured in this run) and
+    commits ``tokens_per_round`` tokens per row; dense decoding commits one per step at the fastest
+    baseline's cost. ``limit`` assumes every draft is accepted.
+    """
+    st = row.stats
+    rounds = st["rounds"]
+    if not rounds or not st["drafted"]:
+        return
+    rows_active = max(1, st["batch_size"])
+    drafted_steps = st["drafted"] / rows_active  # draft forward passes (all rows at once)
+    g = drafted_steps / rounds  # mean draft length per round
+    draft_ms = 1000 * st["time_draft"] / max(1e-9, drafted_steps)
+    verify_ms = 1000 * st["time_verify"] / rounds
+    round_ms = g * draft_ms + verify_ms
+    row.limit = (g + 1) * fastest_ms / round_ms
+    row.expected = st["mean_accepted_per_round"] * fastest_ms / round_ms
+    if row.expected:
+        row.fraction_of_expected = row.speedup / row.expected
+
+
+# ---------------------------------------------------------------------------- output
+def markdown(points: list[tuple[Point, list[MethodRow]]], header: str) -> str:
+    lines = [header, "",
+             "| batch x context | budget | gamma | method | ms/step | speedup | tok/round | accept | "
+             "limit | % of expected | memory MB | identical |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(x, fmt):
+        return "" if x is None or x != x else format(x, fmt)
+
+    for p, rows in points:
+        for r in rows:
+            if r.note and r.decode_ms_per_step != r.decode_ms_per_step:
+                lines.append(f"| {p.batch} x {p.context} | {p.budget} | {p.gamma} | {r.method} | n/a ({r.note}) "
+                             "| | | | | | | |")
+                continue
+            ident = "yes" if r.identical else ("NO" if r.identical is False else "")
+            if r.method == "sparse-only":
+                ident = f"lossy: {r.differing_tokens} tokens differ"
+            frac = f(None if r.fraction_of_expected is None else 100 * r.fraction_of_expected, ".0f")
+            lines.append(
+                f"| {p.batch} x {p.context} | {p.budget} | {p.gamma} | {r.method} | {f(r.decode_ms_per_step, '.1f')} "
+                f"| {f(r.speedup, '.2f')}x | {f(r.mean_accepted_per_round, '.2f')} | {f(r.acceptance_rate, '.2f')} "
+                f"| {f(r.limit, '.2f')} | {frac} | {f(r.memory_mb, '.0f')} | {ident} |")
+    return "\n".join(lines)
+
+
+def plots(points: list[tuple[str, Point, list[MethodRow]]], out: Path) -> list[Path]:
+    """One PNG per swept dimension: speedup of each lossless method versus that dimension."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    for sweep in sorted({s for s, _, _ in points if s != "point"}):
+        sel = [(p, rows) for s, p, rows in points if s == sweep]
+        xs = [getattr(p, sweep) for p, _ in sel]
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        methods = [r.method for r in sel[0][1] if r.method not in ("hf-dynamic", "hf-static", "sparse-only")]
+        for m in methods:
+            ys = [next((r.speedup for r in rows if r.method == m), float("nan")) for _, rows in sel]
+            if all(y != y for y in ys):
+                continue
+            ax.plot(xs, ys, marker="o", label=m)
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xlabel({"context": "prompt tokens", "batch": "batch size", "budget": "drafter budget",
+                       "gamma": "gamma (draft tokens per round)"}[sweep])
+        ax.set_ylabel("decode speedup over fastest dense")
+        if sweep in ("batch", "budget", "context"):
+            ax.set_xscale("log", base=2)
+        ax.set_title(f"speedup vs {sweep}")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = out / f"speedup_vs_{sweep}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+SWEEP_DEFAULTS = {
+    "context": "1000,2000,4000,8000",
+    "batch": "1,2,4,8,16",
+    "budget": "128,256,512,1024,2048",
+    "gamma": "1,2,4,6,8,12",
+}
+
+
+def build_parser(prog: str = "sparse2dense bench") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Example: sparse2dense bench --sweep context --contexts 2000,8000 --out bench-out")
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sweep", default="point",
+                   help="comma list of dimensions to sweep, each around the base point: context, batch, budget, "
+                        "gamma; 'all' for every one; 'point' (default) runs the base point only")
+    p.add_argument("--batch", type=int, default=1, help="base point: batch size (default 1)")
+    p.add_argument("--context", type=int, default=8000, help="base point: prompt tokens (default 8000)")
+    p.add_argument("--budget", type=int, default=1024, help="base point: drafter budget (default 1024)")
+    p.add_argument("--gamma", type=int, default=6, help="base point: draft tokens per round (default 6)")
+    for dim, default in SWEEP_DEFAULTS.items():
+        p.add_argument(f"--{dim}s", default=default, help=f"values of the {dim} sweep (default {default})")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma list of methods (default: all): " + ", ".join(METHODS))
+    p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per row (default 64)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats per point; medians reported (default 3)")
+    p.add_argument("--out", default="bench-out", help="folder for results.json, results.md and plots (default bench-out)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--json", action="store_true", help="print the JSON results instead of the Markdown table")
+
+
+def points_for(args) -> list[tuple[str, Point]]:
+    base = Point(args.batch, args.context, args.budget, args.gamma)
+    dims = list(SWEEP_DEFAULTS) if args.sweep == "all" else [d for d in args.sweep.split(",") if d and d != "point"]
+    for d in dims:
+        if d not in SWEEP_DEFAULTS:
+            raise ValueError(f"unknown sweep dimension {d!r}; choose from {', '.join(SWEEP_DEFAULTS)} or all.")
+    out = [] if dims else [("point", base)]
+    for d in dims:
+        for v in _ints(getattr(args, f"{d}s")):
+            out.append((d, replace(base, **{d: v})))
+    return out
+
+
+def run(args, model=None, tokenizer=None, say: Callable[[str], None] = print) -> dict:
+    """Run the benchmark described by parsed ``args``; returns the JSON-able results."""
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}.")
+    pts = points_for(args)
+    for _, p in pts:
+        if min(p.batch, p.context, p.budget) < 1 or not 1 <= p.gamma <= 12:
+            raise ValueError(f"bad point {p}: batch, context and budget must be >= 1 and gamma in 1..12.")
+    if model is None:
+        from ..models import load_demo_model
+
+        model, tokenizer = load_demo_model("float32")
+    bench = Bench(model, tokenizer, methods, args.max_new_tokens, args.repeats, progress=say)
+    results = []
+    for i, (sweep, p) in enumerate(pts, 1):
+        say(f"[{i}/{len(pts)}] {sweep}: batch {p.batch}, context {p.context}, budget {p.budget}, gamma {p.gamma}")
+        results.append((sweep, p, bench.run_point(p)))
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    header = (f"SmolLM2-135M-Instruct fp32 verifier; {machine}; {args.max_new_tokens} new tokens per row; "
+              f"median of {args.repeats}; decode phase; speedup over the fastest dense baseline at each point")
+    md = markdown([(p, rows) for _, p, rows in results], header)
+    data = {
+        "machine": machine, "model": "SmolLM2-135M-Instruct fp32", "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats, "methods": {m: METHODS[m] for m in methods},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "points": [{"sweep": s, **asdict(p), "rows": [asdict(r) for r in rows]} for s, p, rows in results],
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(data, indent=1, default=str))
+    (out / "results.md").write_text(md + "\n")
+    data["plots"] = [] if args.no_plots else [str(x) for x in plots(results, out)]
+    data["markdown"] = md
+    return data
+
+
+def main(argv=None) -> int:
+    args = build_parser("python -m sparse2dense.bench.suite").parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    data = run(args)
+    print(json.dumps(data, indent=1, default=str) if args.json else data["markdown"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
