@@ -328,6 +328,12 @@ def build_video_batch(model, tokenizer_or_processor, videos: list[np.ndarray], p
     (what generation needs), ``pixel_values [B, T_max, 3, S, S]`` and
     ``pixel_attention_mask [B, T_max, S, S]`` with all-zero frames (mask 0) after a shorter video.
 
+    Each row is exactly its batch-1 prompt. transformers 5.23's SmolVLM processor differs in two
+    ways that do not change what the model computes from the pixels: in a batch it spells the
+    *padded* frame count in a shorter video's intro ("four frames" before two frame blocks), and
+    its video processor gives padding frames mask 1. The model drops all-zero frames by their
+    pixels, so the mask of padding frames is never read.
+
     Args:
         videos: one uint8 ``[T_b, H_b, W_b, 3]`` array per row (frame counts and sizes may differ).
         prompts: one prompt per row.

@@ -332,3 +332,58 @@ def test_smolvlm_processor_prompt_and_pixels(frames, times):
     assert torch.equal(ours["attention_mask"], ref["attention_mask"])
     torch.testing.assert_close(ours["pixel_values"], ref["pixel_values"], atol=EXACT_ATOL, rtol=0)
     assert torch.equal(ours["pixel_attention_mask"], ref["pixel_attention_mask"])
+
+
+@needs_torchvision
+@pytest.mark.skipif(not HAS_NUM2WORDS, reason="SmolVLMProcessor needs num2words (pip install num2words)")
+def test_smolvlm_batch_matches_processor_batch(frames):
+    """build_video_batch (videos of 2 and 4 frames, different prompts) == SmolVLMProcessor on the
+    batch with left padding: token ids, masks, zero frames after the shorter video.
+
+    Two deliberate differences, both transformers 5.23 quirks in batches of videos of unequal length:
+
+    * ``SmolVLMProcessor.replace_video_token`` takes the frame count it spells out in the intro from
+      the *padded* batch tensor (``pixel_values.shape[1]``), so the 2-frame video is announced as
+      "four frames" while two frame blocks follow. We write the video's own count, as the
+      processor does for that video alone: a row's prompt does not depend on the rest of the batch.
+    * ``SmolVLMVideoProcessor.pad`` marks only padded *pixels* in ``pixel_attention_mask``, so the
+      all-zero padding frames get mask 1. We give them mask 0, as SmolVLM's and Idefics3's image
+      processors do for padding images. The model ignores it either way: it drops all-zero frames
+      by their pixel values before it reads the mask (test_video_smolvlm checks the tokens are the
+      same)."""
+    from transformers import SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
+
+    from sparse2dense.video_inputs import _smolvlm_metadata, build_video_batch, image_seq_len
+    from test_cli_video import demo_tokenizer_with
+
+    tok, ids = demo_tokenizer_with(SMOLVLM_TOKENS)
+    tok.padding_side = "left"
+    model = tiny_smolvlm(tok, ids[1])
+    s = SmolVLMVideoSettings.from_model(model)
+    processor = SmolVLMProcessor(SmolVLMImageProcessor(), tok,
+                                 SmolVLMVideoProcessor(size={"longest_edge": s.longest_edge},
+                                                       max_image_size={"longest_edge": s.frame_size}),
+                                 image_seq_len=image_seq_len(model, s.frame_size))
+    videos, prompts, stamps = [frames[:2], frames], ["Short?", "What moves in this clip?"], [[0.0, 0.5], None]
+    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "video"},
+                                                                        {"type": "text", "text": p}]}],
+                                           add_generation_prompt=True) for p in prompts]
+    ref = processor(text=texts, videos=[list(v) for v in videos], padding=True, return_tensors="pt",
+                    do_sample_frames=False,
+                    video_metadata=[_smolvlm_metadata(len(v), t, None) for v, t in zip(videos, stamps)])
+    ours = build_video_batch(model, tok, videos, prompts, timestamps=stamps, pad_token_id=tok.pad_token_id)
+    assert torch.equal(ours["attention_mask"], ref["attention_mask"])
+    real = ours["pixel_values"].flatten(2).any(dim=2)  # [B, T]: False on padding frames
+    assert real.tolist() == [[True, True, False, False], [True] * 4]
+    assert torch.equal(ours["pixel_attention_mask"][real], ref["pixel_attention_mask"][real])
+    assert not ours["pixel_attention_mask"][~real].any() and ref["pixel_attention_mask"][~real].all()
+    assert torch.equal(ours["input_ids"][1], ref["input_ids"][1])
+    ours_0, ref_0 = (tok.decode(ids[mask.bool()]) for ids, mask in ((ours["input_ids"][0], ours["attention_mask"][0]),
+                                                                   (ref["input_ids"][0], ref["attention_mask"][0])))
+    assert ours_0 != ref_0 and ours_0 == ref_0.replace("series of four frames", "series of two frames", 1)
+    alone = processor(text=texts[:1], videos=[list(videos[0])], return_tensors="pt", do_sample_frames=False,
+                      video_metadata=[_smolvlm_metadata(2, stamps[0], None)])
+    n = alone["input_ids"].shape[1]
+    assert torch.equal(ours["input_ids"][0, -n:], alone["input_ids"][0])  # the row is its batch-1 prompt
+    torch.testing.assert_close(ours["pixel_values"], ref["pixel_values"], atol=EXACT_ATOL, rtol=0)
+    assert ours["attention_mask"][0, 0] == 0 and not ours["pixel_values"][0, 2:].any()
