@@ -305,6 +305,7 @@ def test_number_words_agrees_with_num2words(monkeypatch):
         assert number_words(n) == num2words(n), n
 
 
+@pytest.mark.slow  # the tokenizer is the real SmolLM2 one (cached by the demo loader)
 @needs_torchvision
 @pytest.mark.skipif(not HAS_NUM2WORDS, reason="SmolVLMProcessor needs num2words (pip install num2words)")
 @pytest.mark.parametrize("times", ["decoded", "none", "over_an_hour"])
@@ -334,6 +335,7 @@ def test_smolvlm_processor_prompt_and_pixels(frames, times):
     assert torch.equal(ours["pixel_attention_mask"], ref["pixel_attention_mask"])
 
 
+@pytest.mark.slow  # the tokenizer is the real SmolLM2 one (cached by the demo loader)
 @needs_torchvision
 @pytest.mark.skipif(not HAS_NUM2WORDS, reason="SmolVLMProcessor needs num2words (pip install num2words)")
 def test_smolvlm_batch_matches_processor_batch(frames):

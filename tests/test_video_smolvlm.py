@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,6 +24,7 @@ from sparse2dense.video import read_video
 from sparse2dense.video_inputs import build_video_batch, build_video_inputs
 from test_cli_video import CLI, demo_tokenizer_with, encode_clip
 
+pytestmark = pytest.mark.slow  # the tokenizer is the real SmolLM2 one (cached by the demo loader)
 torch.set_num_threads(1)
 
 SMOLVLM_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"]
@@ -216,6 +216,26 @@ def test_cli_video_compare(tiny_smolvlm_dir, clips):
     assert stats["n_text"][0] + 5 * TOKENS_PER_FRAME == result["prompt_tokens"]
     assert stats["n_candidates"] == [5 * TOKENS_PER_FRAME]
     assert stats["n_selected"][0] < result["prompt_tokens"]
+
+
+def test_idefics3_uses_the_processor_it_is_given(tok_and_ids, clips):
+    """An Idefics3Processor passed in (what load_model returns where torchvision is installed) is
+    used as it is: its image processor settings, not the ones derived from the model."""
+    import copy
+
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
+
+    tok, ids = tok_and_ids
+    model = _build("idefics3", tok, ids[1])
+    frames = read_video(clips[0], num_frames=3).frames
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 48}, max_image_size={"longest_edge": 32})
+    processor = Idefics3Processor(image_processor, copy.deepcopy(tok), image_seq_len=TOKENS_PER_FRAME)
+    via = build_video_inputs(model, processor, frames, "What moves?")
+    own = build_video_inputs(model, tok, frames, "What moves?")  # first resize to 4 x 32 = 128 px
+    assert torch.equal(via["input_ids"], own["input_ids"])
+    assert not torch.equal(via["pixel_values"], own["pixel_values"])
+    direct = image_processor(images=[list(frames)], do_image_splitting=False, return_tensors="pt")
+    assert torch.equal(via["pixel_values"], direct["pixel_values"])
 
 
 # ----------------------------------------------------------------------------------- bad input
