@@ -63,7 +63,7 @@ def build_video_inputs(model, tokenizer_or_processor, frames: np.ndarray, prompt
     if model_type == "idefics3":
         return _idefics3_inputs(model, processor, frames, prompt)
     if hasattr(processor, "video_processor") and torchvision_available():
-        return _processor_inputs(model_type, processor, frames, prompt, fps, timestamps, duration)
+        return _processor_inputs(model, processor, frames, prompt, fps, timestamps, duration)
     if model_type not in OWN_PREP:
         raise ValueError(
             f"preparing video inputs for {type(model).__name__} needs its transformers processor, which needs "
@@ -138,15 +138,20 @@ def _encode(tokenizer, text: str, placeholder_id: int, expected: int, add_specia
     return enc
 
 
-def _processor_inputs(model_type: str, processor, frames: np.ndarray, prompt: str, fps: float | None,
+def _processor_inputs(model, processor, frames: np.ndarray, prompt: str, fps: float | None,
                       timestamps: list[float] | None, duration: float | None) -> dict:
     """Inputs from the model's own transformers processor (needs torchvision)."""
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     kwargs: dict = {"fps": fps} if fps else {}
-    if model_type == "smolvlm":
+    if model.config.model_type == "smolvlm":
         # the frames are already sampled; the metadata carries their times into the prompt
         kwargs = {"do_sample_frames": False, "video_metadata": [_smolvlm_metadata(len(frames), timestamps, duration)]}
+        frame_size = int(processor.video_processor.max_image_size["longest_edge"])
+        if processor.image_seq_len != image_seq_len(model, frame_size):
+            raise ValueError(f"the processor writes {processor.image_seq_len} image tokens per frame, the model makes "
+                             f"{image_seq_len(model, frame_size)} of a {frame_size}px frame (processor_config.json's "
+                             "image_seq_len).")
     inputs = processor(text=[text], videos=[list(frames)], return_tensors="pt", **kwargs)
     return dict(inputs)
 

@@ -200,6 +200,9 @@ def tiny_smolvlm_dir(tmp_path_factory, tok_and_ids):
         "size": {"longest_edge": 64}, "max_image_size": {"longest_edge": 32}, "resample": 1,
         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
         "video_sampling": {"fps": 1, "max_frames": 64, "video_size": {"longest_edge": 64}}}))
+    # read where torchvision is installed and the CLI builds the real SmolVLMProcessor
+    (folder / "processor_config.json").write_text(json.dumps({"image_seq_len": TOKENS_PER_FRAME,
+                                                              "processor_class": "SmolVLMProcessor"}))
     return folder
 
 
