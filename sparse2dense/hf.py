@@ -2,7 +2,7 @@
 
 transformers 5.x prepares the inputs, logits processors and stopping criteria as for any decoding
 method, then calls this function instead of its own loop. Extra keyword arguments named in this
-function's signature (``budget``, ``gamma``, ``std_config``, ``context_mask``) are passed through
+function's signature (``budget``, ``gamma``, ``draft_dtype``, ``std_config``, ``context_mask``) are passed through
 from ``model.generate``.
 """
 
@@ -51,8 +51,9 @@ def custom_generate(
     generation_config=None,
     synced_gpus: bool = False,
     streamer=None,
-    budget: int = 1024,
-    gamma: int = 9,
+    budget: int | str = 1024,
+    gamma: int | str = 9,
+    draft_dtype=None,
     std_config: StdConfig | None = None,
     context_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -108,7 +109,7 @@ def custom_generate(
 
     if streamer is None:
         streamer = _streamer_from_generate_call(model)
-    config = std_config if std_config is not None else StdConfig(budget=budget, gamma=gamma)
+    config = std_config if std_config is not None else StdConfig(budget=budget, gamma=gamma, draft_dtype=draft_dtype)
     out = generate(
         model,
         input_ids,

@@ -244,3 +244,14 @@ def test_generate_accepts_auto_keywords(llama):
     out = sparse2dense.generate(llama, ids, mask, max_new_tokens=16, gamma="auto", budget="auto",
                                 draft_dtype=torch.bfloat16, pad_token_id=PAD_ID)
     assert torch.equal(out.sequences, ref)
+
+
+def test_custom_generate_accepts_auto_and_draft_dtype(llama):
+    gen = torch.Generator().manual_seed(6)
+    ids, mask = make_batch(gen, [350])
+    ref = llama.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=PAD_ID)
+    out = llama.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=PAD_ID,
+                         custom_generate=sparse2dense.custom_generate, gamma="auto", budget="auto",
+                         draft_dtype=torch.bfloat16, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    assert out.std_stats.gamma_mode == "auto"
