@@ -63,7 +63,12 @@ def build_video_inputs(model, tokenizer_or_processor, frames: np.ndarray, prompt
     if model_type == "idefics3":
         return _idefics3_inputs(model, processor, frames, prompt)
     if hasattr(processor, "video_processor") and torchvision_available():
-        return _processor_inputs(model, processor, frames, prompt, fps, timestamps, duration)
+        text = _processor_chat_text(processor, prompt)
+        if text is not None:
+            return _processor_inputs(model, processor, text, frames, fps, timestamps, duration)
+        if model_type not in OWN_PREP:
+            raise ValueError(f"the chat template of {type(processor).__name__} cannot write a video message.")
+        # a checkpoint whose chat template is text-only: prepare it as without torchvision
     if model_type not in OWN_PREP:
         raise ValueError(
             f"preparing video inputs for {type(model).__name__} needs its transformers processor, which needs "
@@ -138,11 +143,21 @@ def _encode(tokenizer, text: str, placeholder_id: int, expected: int, add_specia
     return enc
 
 
-def _processor_inputs(model, processor, frames: np.ndarray, prompt: str, fps: float | None,
-                      timestamps: list[float] | None, duration: float | None) -> dict:
-    """Inputs from the model's own transformers processor (needs torchvision)."""
+def _processor_chat_text(processor, prompt: str) -> str | None:
+    """The processor's chat text for one video and ``prompt``; None when its chat template cannot
+    render a message with a video in it (a text-only template, or none)."""
+    from jinja2 import TemplateError
+
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    try:
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    except (TemplateError, TypeError, ValueError):
+        return None
+
+
+def _processor_inputs(model, processor, text: str, frames: np.ndarray, fps: float | None,
+                      timestamps: list[float] | None, duration: float | None) -> dict:
+    """Inputs from the model's own transformers processor (needs torchvision) for its chat ``text``."""
     kwargs: dict = {"fps": fps} if fps else {}
     if model.config.model_type == "smolvlm":
         # the frames are already sampled; the metadata carries their times into the prompt
