@@ -76,15 +76,25 @@ def _batch_list(text: str) -> list[int]:
     return values
 
 
+def _or_auto(parse):
+    def wrapped(text: str):
+        return "auto" if text == "auto" else parse(text)
+
+    return wrapped
+
+
 def _add_std_args(p: argparse.ArgumentParser, gamma_default: int) -> None:
     g = p.add_argument_group("Sparse-to-Dense settings")
-    g.add_argument("--budget", type=_positive("--budget"), default=1024,
-                   help="prompt KV entries per layer and KV head that the drafter reads (default: 1024)")
-    g.add_argument("--gamma", type=_non_negative("--gamma"), default=gamma_default,
-                   help=f"draft tokens per round; 0 = plain dense decoding (default: {gamma_default})")
-    g.add_argument("--policy", choices=("paper", "streaming"), default="paper",
-                   help="how the drafter picks prompt entries: attention from the question (paper) or "
-                        "sinks + most recent tokens (streaming) (default: paper)")
+    g.add_argument("--budget", type=_or_auto(_positive("--budget")), default=1024,
+                   help="prompt KV entries per layer and KV head that the drafter reads, or 'auto' (default: 1024)")
+    g.add_argument("--gamma", type=_or_auto(_non_negative("--gamma")), default=gamma_default,
+                   help=f"draft tokens per round; 0 = plain dense decoding; 'auto' = chosen each round from "
+                        f"measured costs, dense when speculation cannot pay (default: {gamma_default})")
+    g.add_argument("--policy", choices=("paper", "streaming", "last"), default="paper",
+                   help="how the drafter picks prompt entries: attention from the question (paper), from the "
+                        "last prompt tokens (last), or sinks + most recent tokens (streaming) (default: paper)")
+    g.add_argument("--draft-dtype", choices=("bf16", "fp16", "auto"), default=None,
+                   help="draft with a lower-precision copy of the weights (output unchanged; costs memory)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,7 +219,7 @@ def _std_config(args):
     from .config import StdConfig
 
     gamma = 0 if getattr(args, "dense", False) else args.gamma
-    return StdConfig(budget=args.budget, gamma=gamma, policy=args.policy)
+    return StdConfig(budget=args.budget, gamma=gamma, policy=args.policy, draft_dtype=args.draft_dtype)
 
 
 def cmd_demo(args) -> int:
@@ -284,7 +294,7 @@ def _print_scenario(res, cfg) -> None:
         same = "yes" if bool((m.sequences == res.methods[0].sequences).all()) else "NO"
         print(f"{m.name:42} {m.prefill_s + m.selection_s:9.2f} {m.decode_s:9.2f} {m.ms_per_token:8.1f}  {same}")
     st = res.methods[-1].stats
-    print(f"StD: {st['mean_accepted_per_round']:.2f} tokens per round (of {cfg.gamma + 1}), "
+    print(f"StD: {st['mean_accepted_per_round']:.2f} tokens per round (of {cfg.max_gamma + 1}), "
           f"draft acceptance {100 * st['acceptance_rate']:.0f}%, drafter reads {st['n_selected'][0]} of "
           f"{res.prompt_tokens} prompt entries per layer/head")
     verdict = "identical to transformers generate" if res.identical else "MISMATCH (please report this)"
@@ -363,7 +373,7 @@ def cmd_generate(args) -> int:
     progress = _progress_bar(sys.stderr.isatty())
     result: dict = {"model": args.model, "prompt_tokens": int(input_ids.shape[1]), "budget": cfg.budget,
                     "gamma": cfg.gamma, "policy": cfg.policy}
-    if args.compare and cfg.gamma > 0:
+    if args.compare and cfg.speculative:
         runs = compare_methods(model, input_ids, attention_mask, args.max_new_tokens, cfg, progress=progress,
                                **model_inputs)
         std, dense = runs["std"], runs["dense"]
@@ -404,9 +414,14 @@ def cmd_generate(args) -> int:
         print(f"prompt {result['prompt_tokens']} tokens; prefill {stats['time_prefill']:.2f}s, "
               f"selection {stats['time_selection']:.2f}s, decode {stats['time_decode']:.2f}s "
               f"({stats['new_tokens']} tokens, {stats['tokens_per_second']:.1f} tok/s)")
-        if cfg.gamma > 0:
-            print(f"acceptance: {stats['mean_accepted_per_round']:.2f} tokens per round (of {cfg.gamma + 1}), "
+        if cfg.speculative:
+            print(f"acceptance: {stats['mean_accepted_per_round']:.2f} tokens per round (of {cfg.max_gamma + 1}), "
                   f"{100 * stats['acceptance_rate']:.0f}% of drafts")
+        if stats.get("gamma_mode") == "auto":
+            auto = stats.get("auto") or {}
+            print(f"auto: speculation {stats['speculation']}, {auto.get('speculative_rounds', 0)} of "
+                  f"{auto.get('rounds', 0)} rounds drafted (mean gamma {auto.get('mean_gamma', 0):.1f})"
+                  + (f"; {stats['fallback_reason']}" if stats.get("fallback_reason") else ""))
         if "identical" in result:
             verdict = "identical" if result["identical"] else "DIFFERENT (please report this)"
             print(f"dense decode {result['dense_decode_s']:.2f}s vs StD {result['std_decode_s']:.2f}s: "

@@ -87,8 +87,8 @@ def compare_methods(model, input_ids, attention_mask, max_new_tokens: int, confi
     results: dict[str, MethodResult] = {}
     with torch.inference_mode(), attention_routed(model):
         run.prefill()
-        if config.gamma > 0 and bool(run.active.any()):
-            run.select()
+        if bool(run.active.any()):
+            run.maybe_select()
         snap = run.snapshot()
         for method in order:
             run.restore(snap)
