@@ -120,9 +120,6 @@ class GammaController:
             a.acc += n
             a.trials += n + (1 if n < g else 0)
 
-    def alpha(self, arm: int = 0) -> float:
-        return self._arms[arm].alpha
-
     def verify_cost(self, t: int) -> float | None:
         """Modelled seconds of a dense pass over ``t`` tokens per row (None before data)."""
         c1 = self._c1.value

@@ -154,11 +154,7 @@ class _Run:
         visual = visual & valid if visual is not None else torch.zeros_like(valid)
         self.stats.n_visual = visual.sum(dim=1).tolist()
         self.stats.n_text = (valid & ~visual).sum(dim=1).tolist()
-        if cfg.budget == AUTO:
-            n_keep, n_cand = self.keep.sum(dim=1).tolist(), self.candidates.sum(dim=1).tolist()
-            self.budget = max(auto_budget(k, c) for k, c in zip(n_keep, n_cand))
-        else:
-            self.budget = int(cfg.budget)
+        self.budget = self.auto_budget() if cfg.budget == AUTO else int(cfg.budget)
         self.stats.budget = self.budget
 
         dtype = next(model.parameters()).dtype
@@ -364,15 +360,27 @@ class _Run:
         cfg = self.cfg
         if not cfg.speculative:
             return
-        if cfg.auto_gamma and all(d is self.model for _, d in self.drafters):
-            n_keep = self.keep.sum(dim=1)
-            n_cand = self.candidates.sum(dim=1)
-            if bool((n_keep + n_cand <= self.budget).all()):
-                self.no_drafter_reason = (
-                    f"the prompt ({self.prompt_len} tokens) fits the drafter budget ({self.budget}): "
-                    "a drafter would cost as much as dense decoding")
-                return
+        if cfg.auto_gamma and self.drop_dense_drafter():
+            return
         self.select()
+
+    def auto_budget(self) -> int:
+        """The budget ``budget="auto"`` gives this batch (the largest of its rows')."""
+        n_keep, n_cand = self.keep.sum(dim=1).tolist(), self.candidates.sum(dim=1).tolist()
+        return max(auto_budget(k, c) for k, c in zip(n_keep, n_cand))
+
+    def drop_dense_drafter(self) -> bool:
+        """Drop the drafter when it would be the dense model itself (every drafter uses the model's
+        weights and every row's prompt fits the budget); says why in ``no_drafter_reason``."""
+        if not all(d is self.model for _, d in self.drafters):
+            return False
+        if not bool((self.keep.sum(dim=1) + self.candidates.sum(dim=1) <= self.budget).all()):
+            return False
+        self.selection = None
+        self.no_drafter_reason = (
+            f"the prompt ({self.prompt_len} tokens) fits the drafter budget ({self.budget}): "
+            "a drafter would cost as much as dense decoding")
+        return True
 
     def text_attn_module(self):
         for module in self.model.modules():
@@ -658,7 +666,6 @@ class _Run:
 
     def _sparse_rounds(self) -> None:
         """Drafter-only decoding: each sparse step's argmax is committed as it is (lossy)."""
-        sel = self.selection
         while bool((self.active & ~self.finished).any()):
             t0 = time.perf_counter()
             drafts, _ = self._draft(1)
@@ -672,7 +679,6 @@ class _Run:
             self.stats.rounds += 1
             self.row_rounds += int(was_active.sum())
             self.committed += int(appended.sum())
-        del sel
 
     # ----------------------------------------------------------------------------- re-selection
     def _reselect_setup(self, gamma) -> None:

@@ -41,7 +41,7 @@ import torch
 from ..adapters import get_adapter
 from ..attention import attention_routed
 from ..config import AUTO, StdConfig
-from ..drafter import draft_model
+from ..drafter import copy_nbytes, draft_model
 from ..engine import _check_inputs, _Run, resolve_special_tokens
 from .compare import time_hf_generate
 
@@ -183,7 +183,7 @@ class Bench:
         elif method in ("auto", "auto-bf16"):
             cfg = replace(cfg, gamma=AUTO, budget=AUTO)
             gamma = AUTO
-            budget = max(_auto_budget(run))
+            budget = run.auto_budget()
             if method == "auto-bf16":
                 drafters = own + bf16
         elif method == "sparse-only":
@@ -202,13 +202,13 @@ class Bench:
             run.select(policy, keep_capture=True)
             sel_s = time.perf_counter() - t0
             if method in ("auto", "auto-bf16"):
-                _maybe_drop_drafter(run)
+                run.drop_dense_drafter()  # as generate() does for gamma="auto"
             run.decode(gamma=gamma, sparse_only=sparse)
         out = run.output()
         st = out.stats.to_dict()
         st["time_selection"] = sel_s
-        st["draft_weights_mb"] = (sum(p.numel() * p.element_size() for p in bf16[0][1].parameters()) / 2**20
-                                  if bf16 and any(d is bf16[0][1] for _, d in drafters) else 0.0)
+        uses_copy = bf16 and any(d is bf16[0][1] for _, d in drafters)
+        st["draft_weights_mb"] = copy_nbytes(model, torch.bfloat16) / 2**20 if uses_copy else 0.0
         return out.sequences.clone(), out.stats.time_decode, sel_s, st
 
     # ------------------------------------------------------------------ summary
@@ -223,7 +223,7 @@ class Bench:
                 continue
             dec = statistics.median(timings[m])
             seq = outputs[m]
-            new = (seq[:, prompt:] != -1).sum().item()
+            new = seq[:, prompt:].numel()  # generated positions, all rows
             row = MethodRow(m, 1000 * dec / steps, statistics.median(e2e[m]), new / dec if dec else float("nan"),
                             note=notes.get(m, ""))
             if ref is not None:
@@ -244,8 +244,8 @@ class Bench:
             else:
                 row.memory_mb = _kv_mb(self.model, point.batch, prompt + self.max_new)
             rows[m] = row
-        dense_ms = [rows[m].decode_ms_per_step for m in DENSE_BASELINES if m in rows and rows[m].stats is not None]
-        dense_ms = [x for x in dense_ms if x == x]
+        dense_ms = [rows[m].decode_ms_per_step for m in DENSE_BASELINES if m in rows]
+        dense_ms = [x for x in dense_ms if x == x]  # drop baselines that did not run (NaN)
         fastest = min(dense_ms) if dense_ms else float("nan")
         for row in rows.values():
             row.speedup = fastest / row.decode_ms_per_step if row.decode_ms_per_step == row.decode_ms_per_step else float("nan")
@@ -256,21 +256,6 @@ class Bench:
                 continue
             _cost_model(row, own_dense, fastest)
         return [rows[m] for m in self.methods]
-
-
-def _auto_budget(run: _Run) -> list[int]:
-    from ..adaptive import auto_budget
-
-    return [auto_budget(k, c) for k, c in zip(run.keep.sum(dim=1).tolist(), run.candidates.sum(dim=1).tolist())]
-
-
-def _maybe_drop_drafter(run: _Run) -> None:
-    """What :meth:`_Run.maybe_select` decides for ``gamma="auto"``: no drafter when it cannot help."""
-    if all(d is run.model for _, d in run.drafters):
-        n = run.keep.sum(dim=1) + run.candidates.sum(dim=1)
-        if bool((n <= run.budget).all()):
-            run.no_drafter_reason = "the prompt fits the drafter budget"
-            run.selection = None
 
 
 def _cost_model(row: MethodRow, dense: MethodRow, fastest_ms: float) -> None:
