@@ -93,8 +93,10 @@ def _add_std_args(p: argparse.ArgumentParser, gamma_default: int) -> None:
     g.add_argument("--policy", choices=("paper", "streaming", "last"), default="paper",
                    help="how the drafter picks prompt entries: attention from the question (paper), from the "
                         "last prompt tokens (last), or sinks + most recent tokens (streaming) (default: paper)")
-    g.add_argument("--draft-dtype", choices=("bf16", "fp16", "auto"), default=None,
-                   help="draft with a lower-precision copy of the weights (output unchanged; costs memory)")
+    g.add_argument("--draft-dtype", choices=("bf16", "fp16", "int8", "int4", "auto"), default=None,
+                   help="draft with cheaper weights: a bf16/fp16 copy, or weight-only int8/int4 (Llama, Mistral, "
+                        "Qwen2, Qwen3 on CPU); auto picks what the model and hardware support. The output is "
+                        "unchanged; the copy costs memory (default: the model's own weights)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,14 +17,23 @@ DRAFT_DTYPES = {
 MAX_AUTO_GAMMA = 12
 
 
-def parse_dtype(value) -> torch.dtype | None:
-    """``None``, a floating ``torch.dtype``, or a name such as ``"bf16"``/``"bfloat16"``."""
+# Weight-only integer formats for the drafter (Llama-style text models, CPU kernels).
+INT_DRAFT_FORMATS = ("int8", "int4")
+
+
+def parse_dtype(value) -> torch.dtype | str | None:
+    """``None``, ``"auto"``, a floating ``torch.dtype`` (or a name such as ``"bf16"``), ``"int8"`` or ``"int4"``."""
     if value is None or value == AUTO or isinstance(value, torch.dtype) and value in DRAFT_DTYPES.values():
         return value
-    if isinstance(value, str) and value.lower().removeprefix("torch.") in DRAFT_DTYPES:
-        return DRAFT_DTYPES[value.lower().removeprefix("torch.")]
+    if isinstance(value, str):
+        name = value.lower().removeprefix("torch.")
+        if name in DRAFT_DTYPES:
+            return DRAFT_DTYPES[name]
+        if name in INT_DRAFT_FORMATS:
+            return name
     raise ValueError(
-        f"draft_dtype must be None, 'auto', torch.float32, torch.bfloat16 or torch.float16; got {value!r}.")
+        "draft_dtype must be None, 'auto', torch.float32, torch.bfloat16, torch.float16, 'int8' or 'int4'; "
+        f"got {value!r}.")
 
 
 @dataclass(slots=True)
@@ -58,13 +67,14 @@ class StdConfig:
         reselect_every: 0 keeps the selection made after prefill; N > 0 re-selects the drafter's
             prompt entries every N rounds from the verifier's own queries of the latest committed
             token (scores accumulated with exponential decay).
-        draft_dtype: None drafts with the model's own weights; ``torch.bfloat16`` (or
-            ``torch.float16``) drafts with a lower-precision copy of the language model's weights
-            and a draft KV cache in that precision. The verifier keeps the model's precision, so
-            the output is unchanged; the copy costs memory (reported in the stats). ``"auto"``:
-            with ``gamma="auto"`` both drafters are measured and each round uses the faster one;
-            with a fixed gamma the bf16 copy is used from batch 4 up. Either way only where the
-            hardware has fast bf16 and free memory holds the copy twice over.
+        draft_dtype: the drafter's weights. None: the model's own. ``torch.bfloat16`` (or
+            ``torch.float16``): a lower-precision copy of the language model's weights. ``"int8"``
+            / ``"int4"``: weight-only integer copies run by a lean forward pass
+            (:mod:`sparse2dense.lean`; Llama, Mistral, Qwen2 and Qwen3 text models on CPU). The
+            verifier keeps the model's precision, so the output is unchanged; a copy costs memory
+            (reported in the stats). ``"auto"`` picks from what the model and hardware support and
+            free memory holds twice over: with ``gamma="auto"`` the model's own weights and the
+            cheaper copy are both measured and each round uses the faster one.
         prefill_chunk: prompt tokens per prefill forward pass; bounds prefill memory.
     """
 

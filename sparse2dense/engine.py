@@ -26,7 +26,8 @@ from .adapters import Adapter, get_adapter
 from .adaptive import GammaController, auto_budget
 from .attention import attention_routed
 from .config import AUTO, StdConfig
-from .drafter import copy_nbytes, copy_size_estimate, draft_model, fast_bf16, free_memory_bytes
+from .drafter import copy_size_estimate, fast_bf16, free_memory_bytes, make_drafter
+from .lean import LeanDecoder, supports_lean, weight_format_supported
 from .kv import BufferCache, ForwardPlan, KVBuffer, build_mask, use_plan
 from .selection import (
     ScoreQueryCapture, Selection, attention_scores, build_draft_cache, gather_selection, scoring_columns,
@@ -194,27 +195,42 @@ class _Run:
         self.scaling = adapter.head_dim**-0.5
 
     def _drafters(self, model, dtype) -> list[tuple[str, Any]]:
-        """The drafters this run may use: the model itself and/or a lower-precision weight copy."""
+        """The drafters this run may use: the model itself and/or a cheaper weight copy."""
         cfg = self.cfg
         own = [(str(dtype).removeprefix("torch."), model)]
         wanted = cfg.draft_dtype
         if not cfg.speculative or wanted is None or wanted == dtype:
             return own
         if wanted == AUTO:
-            low = torch.bfloat16
-            if dtype == low or not fast_bf16(self.device):
+            wanted = self._auto_precision(model, dtype)
+            if wanted is None:
                 return own
-            free = free_memory_bytes(self.device)
-            if free is not None and free < 2 * copy_size_estimate(model, low):
-                return own
-            if not cfg.auto_gamma and self.batch < 4:
-                return own  # at batch 1-3 a bf16 step is not cheaper on CPUs measured so far
-            wanted = low
-        copy = draft_model(model, wanted)
-        self.stats.draft_dtype = str(wanted).removeprefix("torch.")
-        self.stats.draft_weights_mb = copy_nbytes(model, wanted) / 2**20
-        low = [(self.stats.draft_dtype, copy)]
-        return own + low if cfg.draft_dtype == AUTO and cfg.auto_gamma else low
+        name, drafter, nbytes = make_drafter(model, wanted)
+        self.stats.draft_dtype = name
+        self.stats.draft_weights_mb = nbytes / 2**20
+        low = [(name, drafter)]
+        # gamma="auto" measures both and uses the faster per round (a cheaper format is not faster
+        # everywhere: bf16 products at batch 1 are slower than fp32 on CPUs measured so far).
+        return own + low if cfg.auto_gamma else low
+
+    def _auto_precision(self, model, dtype) -> torch.dtype | str | None:
+        """``draft_dtype="auto"``: the cheaper drafter weights this model, device and batch can use.
+
+        Weight-only int8 where the lean forward and its kernel exist (CPU; measured the cheapest
+        draft step that keeps acceptance here), else bf16 where the hardware multiplies it natively.
+        Either only when free memory holds the copy twice over; None keeps the model's own weights.
+        """
+        if dtype != torch.float32:
+            return None
+        if supports_lean(model) and weight_format_supported("int8", self.device):
+            wanted, size = "int8", copy_size_estimate(model, torch.int8)
+        elif fast_bf16(self.device) and (self.cfg.auto_gamma or self.batch >= 4):
+            # At batch 1-3 a bf16 step through the model's own forward is not cheaper on CPUs measured so far.
+            wanted, size = torch.bfloat16, copy_size_estimate(model, torch.bfloat16)
+        else:
+            return None
+        free = free_memory_bytes(self.device)
+        return None if free is not None and free < 2 * size else wanted
 
     # ----------------------------------------------------------------------------- forward passes
     def _forward(self, plan: ForwardPlan, ids: torch.Tensor, positions: torch.Tensor, all_logits: bool,
@@ -224,10 +240,14 @@ class _Run:
 
         With ``position_ids_ready`` the positions are already in the model's format (e.g. M-RoPE).
         """
+        if not position_ids_ready:
+            positions = self.adapter.position_ids(positions)
         with use_plan(plan):
+            if isinstance(model, LeanDecoder):
+                return model(ids, positions, all_logits)
             out = (model or self.model)(
                 input_ids=ids,
-                position_ids=positions if position_ids_ready else self.adapter.position_ids(positions),
+                position_ids=positions,
                 past_key_values=self.cache,
                 use_cache=True,
                 logits_to_keep=0 if all_logits else 1,
@@ -793,8 +813,9 @@ def generate(
         gamma: draft tokens per round; 0 runs plain dense decoding on the same fast buffers;
             ``"auto"`` picks each round's draft length from measured costs and acceptance, and
             decodes densely when speculation cannot pay (``stats.speculation`` says which).
-        draft_dtype: e.g. ``torch.bfloat16``: draft with a lower-precision copy of the weights
-            (the verifier keeps the model's precision, so the output is unchanged).
+        draft_dtype: cheaper drafter weights: ``torch.bfloat16``/``torch.float16``, ``"int8"`` or
+            ``"int4"`` (weight-only; Llama, Mistral, Qwen2, Qwen3 on CPU), or ``"auto"``. The verifier
+            keeps the model's precision, so the output is unchanged (see :class:`StdConfig`).
         eos_token_id: token id(s) that end a row (default: the model's generation config).
         pad_token_id: fills rows that ended early (default: the model's, else the first EOS, else 0).
         context_mask: bool ``[B, P]``: prompt tokens the drafter may drop (default: the adapter's choice).

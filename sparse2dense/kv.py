@@ -78,6 +78,7 @@ class ForwardPlan:
     capture: object | None = None
     _write_idx: tuple | None = field(default=None)
     _tail: object = field(default=None)  # batch-1 causal tail of ``mask`` (False: not applicable)
+    _grouped: tuple | None = field(default=None)  # (mask, group, mask in the grouped-query layout)
 
     def causal_tail(self) -> torch.Tensor | None:
         """At batch 1: the mask's last ``T`` columns ``[T, T]`` when every earlier column is open."""
@@ -88,6 +89,14 @@ class ForwardPlan:
                 if bool(torch.isfinite(m[:, : self.span - self.q_len]).all()):
                     self._tail = m[:, self.span - self.q_len :]
         return None if self._tail is False else self._tail
+
+    def grouped_mask(self, mask: torch.Tensor, group: int) -> torch.Tensor:
+        """``mask`` ``[B, 1, 1, T, S]`` laid out for ``group`` query heads stacked per KV head:
+        ``[B, 1, group * T, S]``. Built once per forward pass and shared by every layer."""
+        if self._grouped is None or self._grouped[0] is not mask or self._grouped[1] != group:
+            b, _, _, t, s = mask.shape
+            self._grouped = (mask, group, mask.expand(b, 1, group, t, s).reshape(b, 1, group * t, s))
+        return self._grouped[2]
 
     def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``key``/``value`` ``[B, Hkv, T, D]`` and return the readable span ``[B, Hkv, span, D]``."""

@@ -41,7 +41,7 @@ import torch
 from ..adapters import get_adapter
 from ..attention import attention_routed
 from ..config import AUTO, StdConfig
-from ..drafter import copy_nbytes, draft_model
+from ..drafter import make_drafter
 from ..engine import _check_inputs, _Run, resolve_special_tokens
 from .compare import time_hf_generate
 
@@ -52,15 +52,22 @@ METHODS = {
     "dense": "sparse2dense dense loop",
     "std": "StD, paper selection",
     "std-bf16": "StD, paper selection, bf16 drafter weights",
+    "std-int8": "StD, paper selection, int8 drafter weights",
+    "std-int4": "StD, paper selection, int4 drafter weights",
     "streaming": "StD, StreamingLLM drafter (sinks + recent)",
     "last": "StD, selection by the last prompt tokens",
     "reselect": "StD, re-selection every 8 rounds",
     "auto": "StD gamma=auto budget=auto",
     "auto-bf16": "StD gamma=auto budget=auto draft_dtype=bf16",
+    "auto-int8": "StD gamma=auto budget=auto draft_dtype=int8",
     "prompt-lookup": "transformers prompt lookup (10 tokens)",
     "sparse-only": "drafter alone, no verification (LOSSY)",
 }
-LOSSLESS_STD = ("std", "std-bf16", "streaming", "last", "reselect", "auto", "auto-bf16")
+LOSSLESS_STD = ("std", "std-bf16", "std-int8", "std-int4", "streaming", "last", "reselect", "auto", "auto-bf16",
+                "auto-int8")
+# The drafter weights each method uses (None: the model's own).
+_PRECISION = {"std-bf16": torch.bfloat16, "std-int8": "int8", "std-int4": "int4", "auto-bf16": torch.bfloat16,
+              "auto-int8": "int8"}
 
 
 @dataclass
@@ -171,21 +178,22 @@ class Bench:
     def _ours(self, run: _Run, snap: dict, method: str, point: Point):
         model = self.model
         own = [(str(next(model.parameters()).dtype).removeprefix("torch."), model)]
-        bf16 = [("bfloat16", draft_model(model, torch.bfloat16))] if next(model.parameters()).dtype != torch.bfloat16 else []
         cfg = StdConfig(budget=point.budget, gamma=point.gamma)
         drafters, budget, policy, gamma, sparse = own, point.budget, "paper", point.gamma, False
-        if method == "std-bf16":
-            drafters = bf16 or own
-        elif method in ("streaming", "last"):
+        weights_mb = 0.0
+        if method in _PRECISION:
+            name, drafter, nbytes = make_drafter(model, _PRECISION[method])
+            drafters, weights_mb = [(name, drafter)], nbytes / 2**20
+        if method in ("streaming", "last"):
             policy = method
         elif method == "reselect":
             cfg = replace(cfg, reselect_every=8)
-        elif method in ("auto", "auto-bf16"):
+        elif method.startswith("auto"):
             cfg = replace(cfg, gamma=AUTO, budget=AUTO)
             gamma = AUTO
             budget = run.auto_budget()
-            if method == "auto-bf16":
-                drafters = own + bf16
+            if drafters is not own:
+                drafters = own + drafters  # as generate() does for gamma="auto"
         elif method == "sparse-only":
             sparse = True
         run.cfg = replace(cfg, policy=policy)
@@ -201,14 +209,13 @@ class Bench:
             t0 = time.perf_counter()
             run.select(policy, keep_capture=True)
             sel_s = time.perf_counter() - t0
-            if method in ("auto", "auto-bf16"):
+            if method.startswith("auto"):
                 run.drop_dense_drafter()  # as generate() does for gamma="auto"
             run.decode(gamma=gamma, sparse_only=sparse)
         out = run.output()
         st = out.stats.to_dict()
         st["time_selection"] = sel_s
-        uses_copy = bf16 and any(d is bf16[0][1] for _, d in drafters)
-        st["draft_weights_mb"] = copy_nbytes(model, torch.bfloat16) / 2**20 if uses_copy else 0.0
+        st["draft_weights_mb"] = weights_mb
         return out.sequences.clone(), out.stats.time_decode, sel_s, st
 
     # ------------------------------------------------------------------ summary

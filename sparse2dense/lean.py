@@ -1,0 +1,230 @@
+"""A lean, low-precision forward pass for Llama-style drafters (Llama, Mistral, Qwen2, Qwen3).
+
+A decode step of a small model on a CPU spends its time in two places: reading the weights, and
+running thousands of small tensor ops. The drafter only proposes tokens (the dense verifier decides
+every output token), so it may do both more cheaply. :class:`LeanDecoder` is a second forward pass
+over the model's own modules' weights that
+
+* stores the four products of each layer fused (Q/K/V in one matrix, gate/up in another) in a
+  cheaper weight format (:data:`WEIGHT_FORMATS`):
+
+  - ``"bf16"``: bfloat16, stored transposed (half the bytes of fp32; AMX/tensor-core products);
+  - ``"int8"``: int8 with one scale per output channel (a quarter of the bytes), PyTorch's
+    weight-only int8 kernel;
+  - ``"int4"``: 4-bit with a scale and offset per group of 64 (or 32) inputs (an eighth of the
+    bytes), PyTorch's weight-only int4 kernel;
+
+* runs each layer in about 30 tensor ops (fused RMSNorm, RoPE on Q and K together, bf16
+  activations), against well over twice that in the transformers forward.
+
+It reads and writes the same :class:`~sparse2dense.kv.ForwardPlan` (the draft KV buffer stays at the
+model's precision and always receives exact K/V from verification) and uses the same attention
+function as the model's forward.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import _grouped_attention
+from .kv import active_plan
+
+LEAN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+WEIGHT_FORMATS = ("bf16", "int8", "int4")
+_INT4_GROUPS = (64, 32)
+
+
+def supports_lean(model: nn.Module) -> bool:
+    """Whether ``model`` is a text decoder :class:`LeanDecoder` can run (a Llama-style family in fp32/bf16/fp16)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in LEAN_FAMILIES:
+        return False
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or not all(hasattr(decoder, n) for n in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return False
+    if getattr(config, "hidden_act", "silu") not in ("silu", "gelu", "gelu_pytorch_tanh"):
+        return False
+    return model.get_output_embeddings() is not None
+
+
+def weight_format_supported(fmt: str, device: torch.device) -> bool:
+    """Whether PyTorch has a fast product for ``fmt`` weights on ``device`` (int8/int4: CPU kernels)."""
+    if fmt == "bf16":
+        return True
+    if device.type != "cpu":
+        return False
+    op = "_weight_int8pack_mm" if fmt == "int8" else "_weight_int4pack_mm_for_cpu"
+    return hasattr(torch.ops.aten, op)
+
+
+class _Product:
+    """``y = x @ W.T (+ b)`` for ``x`` ``[..., K]`` bf16, with ``W`` in one of :data:`WEIGHT_FORMATS`.
+
+    ``linears`` are fused along their outputs: the result is ``[..., sum N_i]`` in bf16.
+    """
+
+    __slots__ = ("fmt", "w", "scale", "group", "bias")
+
+    def __init__(self, linears: list[nn.Linear], fmt: str):
+        self.fmt = fmt
+        w = torch.cat([lin.weight.detach() for lin in linears]).float()  # [N, K]
+        n, k = w.shape
+        self.bias = None
+        if any(lin.bias is not None for lin in linears):
+            self.bias = torch.cat([
+                lin.bias.detach() if lin.bias is not None else torch.zeros(lin.out_features, device=w.device)
+                for lin in linears
+            ]).to(torch.bfloat16)
+        self.scale = None
+        self.group = next((g for g in _INT4_GROUPS if k % g == 0), None) if fmt == "int4" else None
+        if fmt == "int4" and self.group is None:
+            fmt = self.fmt = "int8"  # no group size divides K: int8 for this product
+        if fmt == "bf16":
+            self.w = w.t().contiguous().to(torch.bfloat16)  # [K, N]: measured faster than [N, K] here
+        elif fmt == "int8":
+            scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [N]
+            self.w = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8).contiguous()
+            self.scale = scale.to(torch.bfloat16)
+        else:
+            g = self.group
+            wg = w.view(n, k // g, g)
+            lo, hi = wg.amin(dim=-1, keepdim=True), wg.amax(dim=-1, keepdim=True)
+            step = ((hi - lo) / 15).clamp(min=1e-12)
+            q = ((wg - lo) / step).round_().clamp_(0, 15).to(torch.int32).view(n, k)
+            self.w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            # The kernel computes (q - 8) * scale + zero; w = lo + q * step.
+            self.scale = torch.stack([step.view(n, k // g), (lo + 8 * step).view(n, k // g)], dim=-1)
+            self.scale = self.scale.transpose(0, 1).contiguous().to(torch.bfloat16)  # [K/g, N, 2]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.fmt == "bf16":
+            y = torch.mm(x2, self.w)
+        elif self.fmt == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.w, self.scale)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.w, self.group, self.scale)
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y.view(*x.shape[:-1], -1)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w, self.scale, self.bias) if t is not None)
+
+
+def _norm_weight(module: nn.Module) -> tuple[torch.Tensor, float]:
+    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
+    return module.weight.detach().float(), float(eps)
+
+
+@dataclass
+class _Layer:
+    index: int  # the layer's index in the KV buffers
+    scaling: float  # the attention's softmax scale
+    ln_in: tuple[torch.Tensor, float]  # RMSNorm weight [H] and epsilon
+    ln_post: tuple[torch.Tensor, float]
+    qk_norm: tuple[torch.Tensor, float] | None  # Qwen3: per-head RMSNorm of Q and K, weight [Hq + Hkv, D]
+    qkv: _Product  # [H] -> [(Hq + 2 Hkv) D]
+    o: _Product  # [Hq D] -> [H]
+    gate_up: _Product  # [H] -> [2 I]
+    down: _Product  # [I] -> [H]
+
+
+class LeanDecoder:
+    """The drafter's forward pass for a Llama-style model; see the module docstring.
+
+    Call it like the model inside :func:`~sparse2dense.kv.use_plan`: ``ids`` ``[B, T]`` and RoPE
+    ``position_ids`` ``[B, T]`` in, logits ``[B, T or 1, V]`` (float32) out. The embedding and the
+    rotary module are the model's own; the products use :attr:`fmt`.
+    """
+
+    def __init__(self, model: nn.Module, fmt: str):
+        if fmt not in WEIGHT_FORMATS:
+            raise ValueError(f"weight format must be one of {WEIGHT_FORMATS}; got {fmt!r}.")
+        if not supports_lean(model):
+            raise ValueError(f"{type(model).__name__} is not a Llama-style text decoder the lean forward supports.")
+        self.fmt = fmt
+        decoder = model.get_decoder()
+        self.embed = decoder.embed_tokens
+        self.rotary = decoder.rotary_emb
+        self.norm = _norm_weight(decoder.norm)
+        self.cache_dtype = next(model.parameters()).dtype
+        self.head = _Product([model.get_output_embeddings()], fmt)
+        first = decoder.layers[0]
+        self.head_dim = first.self_attn.head_dim
+        self.n_q = first.self_attn.q_proj.out_features // self.head_dim
+        self.n_kv = first.self_attn.k_proj.out_features // self.head_dim
+        self.inter = first.mlp.gate_proj.out_features
+        act = getattr(model.config, "hidden_act", "silu")
+        self.act = F.silu if act == "silu" else first.mlp.act_fn
+        half = self.head_dim // 2
+        dev = first.self_attn.q_proj.weight.device
+        # rotate_half(x) == roll(x, half) * sign: -1 on the first half, +1 on the second.
+        self.sign = torch.cat([-torch.ones(half, device=dev), torch.ones(half, device=dev)])
+        self.layers = []
+        for i, layer in enumerate(decoder.layers):
+            a, m = layer.self_attn, layer.mlp
+            qk_norm = None
+            if getattr(a, "q_norm", None) is not None:
+                (wq, eps), (wk, _) = _norm_weight(a.q_norm), _norm_weight(a.k_norm)
+                qk_norm = (torch.cat([wq.expand(self.n_q, -1), wk.expand(self.n_kv, -1)]), eps)
+            self.layers.append(_Layer(
+                index=a.layer_idx, scaling=a.scaling,
+                ln_in=_norm_weight(layer.input_layernorm), ln_post=_norm_weight(layer.post_attention_layernorm),
+                qk_norm=qk_norm, qkv=_Product([a.q_proj, a.k_proj, a.v_proj], fmt), o=_Product([a.o_proj], fmt),
+                gate_up=_Product([m.gate_proj, m.up_proj], fmt), down=_Product([m.down_proj], fmt),
+            ))
+
+    def nbytes(self) -> int:
+        """Bytes of the drafter's own weights (the embedding and norms are shared with the model)."""
+        return self.head.nbytes() + sum(
+            p.nbytes() for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down))
+
+    def __call__(self, ids: torch.Tensor, position_ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        b, t = ids.shape
+        d, nq, nkv = self.head_dim, self.n_q, self.n_kv
+        low, cache = torch.bfloat16, self.cache_dtype
+        plan = active_plan()
+        h = self.embed(ids).float()  # [B, T, H]: the residual stream stays in fp32
+        width = (h.shape[-1],)
+        cos, sin = self.rotary(h, position_ids)  # [B, T, D]
+        cos, sin = cos.unsqueeze(2).to(cache), (sin * self.sign).unsqueeze(2).to(cache)  # [B, T, 1, D]
+        half = d // 2
+        for layer in self.layers:
+            x = F.rms_norm(h, width, layer.ln_in[0], layer.ln_in[1]).to(low)
+            qkv = layer.qkv(x).to(cache).view(b, t, nq + 2 * nkv, d)
+            qk = qkv[:, :, : nq + nkv]
+            if layer.qk_norm is not None:
+                qk = F.rms_norm(qk, (d,), None, layer.qk_norm[1]) * layer.qk_norm[0]
+            qk = qk * cos + qk.roll(half, dims=-1) * sin  # RoPE on Q and K together
+            q = qk[:, :, :nq].transpose(1, 2)
+            k = qk[:, :, nq:].transpose(1, 2)
+            v = qkv[:, :, nq + nkv :].transpose(1, 2)
+            k_all, v_all = plan.write(layer.index, k, v)
+            out = _grouped_attention(q, k_all, v_all, plan.mask, layer.scaling, plan)  # [B, T, Hq, D]
+            h = h + layer.o(out.reshape(b, t, nq * d).to(low))
+            x = F.rms_norm(h, width, layer.ln_post[0], layer.ln_post[1]).to(low)
+            gate, up = layer.gate_up(x).split(self.inter, dim=-1)
+            h = h + layer.down(self.act(gate) * up)
+        if not all_logits:
+            h = h[:, -1:]
+        return self.head(F.rms_norm(h, width, self.norm[0], self.norm[1]).to(low)).float()
+
+
+_LEAN: "weakref.WeakKeyDictionary[nn.Module, dict[str, LeanDecoder]]" = weakref.WeakKeyDictionary()
+
+
+def lean_decoder(model: nn.Module, fmt: str) -> LeanDecoder:
+    """The cached :class:`LeanDecoder` of ``model`` in weight format ``fmt`` (built on first use)."""
+    per_model = _LEAN.setdefault(model, {})
+    if fmt not in per_model:
+        per_model[fmt] = LeanDecoder(model, fmt)
+    return per_model[fmt]
+
+
+__all__ = ["LeanDecoder", "lean_decoder", "supports_lean", "weight_format_supported"]
