@@ -83,7 +83,7 @@ def _or_auto(parse):
     return wrapped
 
 
-def _add_std_args(p: argparse.ArgumentParser, gamma_default: int) -> None:
+def _add_std_args(p: argparse.ArgumentParser, gamma_default: int, draft_default: str | None = None) -> None:
     g = p.add_argument_group("Sparse-to-Dense settings")
     g.add_argument("--budget", type=_or_auto(_positive("--budget")), default=1024,
                    help="prompt KV entries per layer and KV head that the drafter reads, or 'auto' (default: 1024)")
@@ -93,10 +93,11 @@ def _add_std_args(p: argparse.ArgumentParser, gamma_default: int) -> None:
     g.add_argument("--policy", choices=("paper", "streaming", "last"), default="paper",
                    help="how the drafter picks prompt entries: attention from the question (paper), from the "
                         "last prompt tokens (last), or sinks + most recent tokens (streaming) (default: paper)")
-    g.add_argument("--draft-dtype", choices=("bf16", "fp16", "int8", "int4", "auto"), default=None,
+    g.add_argument("--draft-dtype", choices=("fp32", "bf16", "fp16", "int8", "int4", "auto"), default=draft_default,
                    help="draft with cheaper weights: a bf16/fp16 copy, or weight-only int8/int4 (Llama, Mistral, "
-                        "Qwen2, Qwen3 on CPU); auto picks what the model and hardware support. The output is "
-                        "unchanged; the copy costs memory (default: the model's own weights)")
+                        "Qwen2, Qwen3 on CPU); auto picks what the model and hardware support; fp32 keeps the "
+                        "model's own. The output is unchanged; a copy costs memory (default: "
+                        + (draft_default or "the model's own weights; auto with --gamma auto") + ")")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="documentation tokens per prompt (default: 7600 at batch 1, 3000 at larger batches)")
     demo.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=64,
                       help="tokens to generate per row (default: 64)")
-    _add_std_args(demo, gamma_default=6)
+    _add_std_args(demo, gamma_default=6, draft_default="auto")
     demo.add_argument("--json", action="store_true", help="print one JSON document instead of text")
 
     from .bench import suite
@@ -299,6 +300,9 @@ def _print_scenario(res, cfg) -> None:
     print(f"StD: {st['mean_accepted_per_round']:.2f} tokens per round (of {cfg.max_gamma + 1}), "
           f"draft acceptance {100 * st['acceptance_rate']:.0f}%, drafter reads {st['n_selected'][0]} of "
           f"{res.prompt_tokens} prompt entries per layer/head")
+    if st.get("draft_dtype"):
+        print(f"StD drafter weights: {st['draft_dtype']} copy ({st['draft_weights_mb']:.0f} MB); the verifier "
+              "keeps fp32")
     verdict = "identical to transformers generate" if res.identical else "MISMATCH (please report this)"
     print(f"batch {res.batch}: decode-phase speedup {res.speedup:.2f}x over {res.baseline}; output {verdict}")
 

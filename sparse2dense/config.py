@@ -73,8 +73,10 @@ class StdConfig:
             (:mod:`sparse2dense.lean`; Llama, Mistral, Qwen2 and Qwen3 text models on CPU). The
             verifier keeps the model's precision, so the output is unchanged; a copy costs memory
             (reported in the stats). ``"auto"`` picks from what the model and hardware support and
-            free memory holds twice over: with ``gamma="auto"`` the model's own weights and the
-            cheaper copy are both measured and each round uses the faster one.
+            free memory holds twice over (int8 on CPU for those families, else bf16 where the
+            hardware multiplies it natively); with ``gamma="auto"`` a float copy is measured against
+            the model's own weights and each round uses the faster. With ``gamma="auto"``, None
+            means ``"auto"`` too; pass the model's own dtype to keep its weights.
         prefill_chunk: prompt tokens per prefill forward pass; bounds prefill memory.
     """
 

@@ -7,7 +7,7 @@ it), then runs, on the same inputs in one process:
 
 1. transformers ``generate`` with a static cache (the reference tokens, and a dense baseline),
 2. sparse2dense's own dense loop (``gamma=0``), and
-3. Sparse-to-Dense,
+3. Sparse-to-Dense (by default with ``draft_dtype="auto"``: int8 drafter weights on a CPU),
 
 and reports decode-phase time per token, the speedup over the faster dense baseline, the
 acceptance, and whether all outputs are token-identical.

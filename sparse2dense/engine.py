@@ -199,6 +199,8 @@ class _Run:
         cfg = self.cfg
         own = [(str(dtype).removeprefix("torch."), model)]
         wanted = cfg.draft_dtype
+        if wanted is None and cfg.auto_gamma:
+            wanted = AUTO  # gamma="auto" picks the drafter's weights too, unless told otherwise
         if not cfg.speculative or wanted is None or wanted == dtype:
             return own
         if wanted == AUTO:
@@ -209,9 +211,11 @@ class _Run:
         self.stats.draft_dtype = name
         self.stats.draft_weights_mb = nbytes / 2**20
         low = [(name, drafter)]
-        # gamma="auto" measures both and uses the faster per round (a cheaper format is not faster
-        # everywhere: bf16 products at batch 1 are slower than fp32 on CPUs measured so far).
-        return own + low if cfg.auto_gamma else low
+        # gamma="auto" also measures the model's own weights, and uses the faster per round, where
+        # the copy may not pay: float copies (bf16 products at batch 1 are slower than fp32 on CPUs
+        # measured so far) and int4 (lower acceptance). int8 drafted as well as fp32 and cost less
+        # at every batch size measured, so probing fp32 would only cost rounds.
+        return own + low if cfg.auto_gamma and name != "int8" else low
 
     def _auto_precision(self, model, dtype) -> torch.dtype | str | None:
         """``draft_dtype="auto"``: the cheaper drafter weights this model, device and batch can use.
