@@ -28,7 +28,7 @@ test-fast: $(BIN)/sparse2dense
 # The README's results: every method side by side over context lengths at batch 1 (about 10 min on
 # a 2-core CPU). Other sweeps: see `sparse2dense bench --help` and the README.
 bench: $(BIN)/sparse2dense
-	OMP_NUM_THREADS=1 $(BIN)/sparse2dense bench --sweep context --contexts 1000,2000,4000,8000 --batch 1 \
+	$(BIN)/sparse2dense bench --sweep context --contexts 1000,2000,4000,8000 --batch 1 \
 	    --budget 1024 --gamma 6 --repeats 2 --max-new-tokens 48 --out bench-out/context
 
 clean:

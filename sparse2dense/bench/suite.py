@@ -6,10 +6,11 @@ over repeats so that machine drift hits every method alike:
 
 * dense baselines: transformers ``generate`` with its default (dynamic) cache and with a static
   cache, and sparse2dense's own dense loop;
-* Sparse-to-Dense with the paper's selection (fp32 and bf16 drafter weights), with a StreamingLLM
-  drafter (sinks + recent window), with selection from the last prompt tokens only, and with
-  re-selection from the verifier's queries during decoding;
-* ``gamma="auto", budget="auto"``, with and without ``draft_dtype=torch.bfloat16``;
+* Sparse-to-Dense with the paper's selection (fp32, bf16, int8 and int4 drafter weights), with a
+  StreamingLLM drafter (sinks + recent window), with selection from the last prompt tokens only, and
+  with re-selection from the verifier's queries during decoding;
+* ``gamma="auto", budget="auto"`` as ``generate`` runs it (drafter weights picked automatically),
+  with the model's own drafter weights, and with ``draft_dtype=torch.bfloat16``;
 * transformers prompt-lookup decoding (batch 1; transformers' assisted decoding is batch-1 only);
 * sparse-only decoding (the drafter alone, lossy): how many output tokens differ from dense.
 
@@ -57,17 +58,18 @@ METHODS = {
     "streaming": "StD, StreamingLLM drafter (sinks + recent)",
     "last": "StD, selection by the last prompt tokens",
     "reselect": "StD, re-selection every 8 rounds",
-    "auto": "StD gamma=auto budget=auto",
+    "auto": "StD gamma=auto budget=auto (drafter weights: auto, as generate() picks them)",
+    "auto-fp32": "StD gamma=auto budget=auto, the model's own drafter weights",
     "auto-bf16": "StD gamma=auto budget=auto draft_dtype=bf16",
-    "auto-int8": "StD gamma=auto budget=auto draft_dtype=int8",
     "prompt-lookup": "transformers prompt lookup (10 tokens)",
     "sparse-only": "drafter alone, no verification (LOSSY)",
 }
-LOSSLESS_STD = ("std", "std-bf16", "std-int8", "std-int4", "streaming", "last", "reselect", "auto", "auto-bf16",
-                "auto-int8")
-# The drafter weights each method uses (None: the model's own).
-_PRECISION = {"std-bf16": torch.bfloat16, "std-int8": "int8", "std-int4": "int4", "auto-bf16": torch.bfloat16,
-              "auto-int8": "int8"}
+LOSSLESS_STD = ("std", "std-bf16", "std-int8", "std-int4", "streaming", "last", "reselect", "auto", "auto-fp32",
+                "auto-bf16")
+# The drafter weights of the fixed-gamma methods (others: the model's own) ...
+_PRECISION = {"std-bf16": torch.bfloat16, "std-int8": "int8", "std-int4": "int4"}
+# ... and the draft_dtype the gamma="auto" methods pass (the engine then picks as generate() does).
+_AUTO_DTYPE = {"auto": None, "auto-fp32": torch.float32, "auto-bf16": torch.bfloat16}
 
 
 @dataclass
@@ -188,12 +190,14 @@ class Bench:
             policy = method
         elif method == "reselect":
             cfg = replace(cfg, reselect_every=8)
-        elif method.startswith("auto"):
-            cfg = replace(cfg, gamma=AUTO, budget=AUTO)
+        elif method in _AUTO_DTYPE:
+            cfg = replace(cfg, gamma=AUTO, budget=AUTO, draft_dtype=_AUTO_DTYPE[method])
             gamma = AUTO
             budget = run.auto_budget()
-            if drafters is not own:
-                drafters = own + drafters  # as generate() does for gamma="auto"
+            run.cfg = cfg
+            run.stats.draft_weights_mb = 0.0
+            drafters = run._drafters(model, next(model.parameters()).dtype)  # as generate() picks them
+            weights_mb = run.stats.draft_weights_mb
         elif method == "sparse-only":
             sparse = True
         run.cfg = replace(cfg, policy=policy)
@@ -209,7 +213,7 @@ class Bench:
             t0 = time.perf_counter()
             run.select(policy, keep_capture=True)
             sel_s = time.perf_counter() - t0
-            if method.startswith("auto"):
+            if method in _AUTO_DTYPE:
                 run.drop_dense_drafter()  # as generate() does for gamma="auto"
             run.decode(gamma=gamma, sparse_only=sparse)
         out = run.output()
