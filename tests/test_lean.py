@@ -118,6 +118,15 @@ def test_auto_draft_dtype_picks_int8_on_cpu(llama):
     assert out.stats.draft_dtype == "int8"
 
 
+def test_auto_draft_dtype_prefers_bf16_above_batch_8(llama):
+    from sparse2dense.drafter import fast_bf16
+
+    gen = torch.Generator().manual_seed(4)
+    ids, mask = make_batch(gen, [120 + 9 * i for i in range(9)])
+    out = check_parity(llama, ids, mask, 6, cfg(32, 3, draft_dtype="auto"), both=False)
+    assert out.stats.draft_dtype == ("bfloat16" if fast_bf16(torch.device("cpu")) else "int8")
+
+
 def test_int_formats_refuse_unsupported_models():
     from transformers import GPT2Config, GPT2LMHeadModel
 
