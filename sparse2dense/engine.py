@@ -394,7 +394,7 @@ class _Run:
     def auto_budget(self) -> int:
         """The budget ``budget="auto"`` gives this batch (the largest of its rows')."""
         n_keep, n_cand = self.keep.sum(dim=1).tolist(), self.candidates.sum(dim=1).tolist()
-        return max(auto_budget(k, c) for k, c in zip(n_keep, n_cand))
+        return max(auto_budget(k, c, self.batch) for k, c in zip(n_keep, n_cand))
 
     def drop_dense_drafter(self) -> bool:
         """Drop the drafter when it would be the dense model itself (every drafter uses the model's

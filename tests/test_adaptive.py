@@ -215,9 +215,11 @@ def test_controller_respects_room():
 
 def test_auto_budget_rule():
     assert auto_budget(68, 10) == 78  # everything fits
-    assert auto_budget(68, 8000) == 68 + 1000
-    assert auto_budget(68, 1200) == 68 + 256
-    assert auto_budget(68, 100000) == 68 + 1024
+    assert auto_budget(68, 8000) == 68 + 1024
+    assert auto_budget(68, 600) == 68 + 600
+    assert auto_budget(68, 8000, batch=2) == 68 + 512
+    assert auto_budget(68, 8000, batch=4) == 68 + 256
+    assert auto_budget(68, 8000, batch=16) == 68 + 256
 
 
 def test_short_prompt_auto_decodes_densely_and_says_why(llama):

@@ -3,7 +3,8 @@ step cost, and how they scale with context.
 
 Run: ``python -m sparse2dense.bench.steps [--json]``. Checks printed at the end:
 
-* a draft step's cost is (nearly) independent of context length at a fixed budget;
+* a draft step's cost is (nearly) independent of context length at a fixed budget (also shown with
+  int8 drafter weights, where the lean forward and its kernel exist);
 * a (gamma+1)-token verify pass costs little more than transformers' own static-cache decode step;
 * decoding never reallocates or copies the KV cache (the buffers stay at the same addresses).
 """
@@ -21,7 +22,9 @@ from ..adapters import get_adapter
 from ..attention import attention_routed
 from ..config import StdConfig
 from ..demo import documentation_text
+from ..drafter import make_drafter
 from ..engine import _Run
+from ..lean import supports_lean, weight_format_supported
 from ..models import load_demo_model
 from .compare import time_hf_generate
 
@@ -36,11 +39,21 @@ def _median_ms(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def _with_drafter(run, drafter, fn):
+    saved, run.drafter = run.drafter, drafter
+    try:
+        return fn()
+    finally:
+        run.drafter = saved
+
+
 def measure(model, doc_ids: torch.Tensor, context: int, batch: int, budget: int, gamma: int, repeats: int) -> dict:
     """Prefill ``batch`` rows of ``context`` real-text tokens, then time each kind of step."""
     rows = [doc_ids[i * 7919 : i * 7919 + context] for i in range(batch)]
     ids = torch.stack(rows)
     cfg = StdConfig(budget=budget, gamma=gamma)
+    int8 = make_drafter(model, "int8")[1] if supports_lean(model) and weight_format_supported("int8", model.device) \
+        else None
     adapter = get_adapter(model)
     run = _Run(model, adapter, cfg, ids, torch.ones_like(ids), 8, [], 0, None, None, None, None, {}, None)
     with torch.inference_mode(), attention_routed(model):
@@ -53,6 +66,8 @@ def measure(model, doc_ids: torch.Tensor, context: int, batch: int, budget: int,
             "batch": batch,
             "budget": budget,
             "draft_step_ms": _median_ms(lambda: run._draft(1), repeats),
+            "draft_step_int8_ms": _median_ms(lambda: _with_drafter(run, int8, lambda: run._draft(1)), repeats)
+            if int8 is not None else None,
             "dense_step_ms": _median_ms(lambda: run._verify(drafts[:, :0]), repeats),
             f"verify_{gamma + 1}_ms": _median_ms(lambda: run._verify(drafts), repeats),
         }
@@ -91,11 +106,12 @@ def main(argv=None) -> int:
         return 0
     print(f"SmolLM2-135M fp32, batch {args.batch}, budget {args.budget}, {torch.get_num_threads()} threads; "
           f"median of {args.repeats}")
-    print(f"| context | draft step ms | dense step ms (ours) | verify {args.gamma + 1} tok ms | "
-          "transformers static step ms |")
-    print("|---|---|---|---|---|")
+    print(f"| context | draft step ms | draft step ms, int8 weights | dense step ms (ours) | "
+          f"verify {args.gamma + 1} tok ms | transformers static step ms |")
+    print("|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['context']} | {r['draft_step_ms']:.1f} | {r['dense_step_ms']:.1f} | {r[vkey]:.1f} | "
+        int8 = "n/a" if r["draft_step_int8_ms"] is None else f"{r['draft_step_int8_ms']:.1f}"
+        print(f"| {r['context']} | {r['draft_step_ms']:.1f} | {int8} | {r['dense_step_ms']:.1f} | {r[vkey]:.1f} | "
               f"{r['hf_static_step_ms']:.1f} |")
     print(f"draft step at {last['context']} / at {first['context']}: {checks['draft_step_growth']:.2f}x")
     print(f"verify pass / transformers static step at {last['context']}: {checks['verify_over_hf_static_step']:.2f}x")
