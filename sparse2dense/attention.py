@@ -22,10 +22,11 @@ from .kv import active_plan
 ATTN_NAME = "sparse2dense"
 
 
-# At batch 1, once one layer's cached K/V outgrow the CPU caches, per-head 2-D products stream them
-# faster than the fused SDPA kernel (measured on a 2-core Xeon: 8.4 vs 8.8 ms for 30 layers at 2k
-# columns, 29.6 vs 34.3 ms at 8k); below that, and at batch > 1, SDPA is faster (2.4 vs 3.9 ms at 1k;
-# 148 vs 154 ms at batch 8 x 6k).
+# At batch 1, once the cache outgrows the CPU caches, per-head 2-D products stream it faster than
+# PyTorch's fused SDPA kernel; on short spans SDPA is faster. `python -m sparse2dense.bench.kernels`
+# on a 2-core Xeon, 30 layers: 1024 columns 3.8 ms per-head vs 2.2 ms SDPA, 2048 columns 8.2 vs 8.2,
+# 8000 columns 29.8 vs 34.4 (6 queries: 43.7 vs 52.3). At batch > 1 SDPA measured the same as the
+# batched products it replaced (dense step and verify pass at batch 8 x 2000), in one call.
 PER_HEAD_MIN_SPAN = 1536
 
 
@@ -64,7 +65,10 @@ def _grouped_attention(query, key, value, mask, scaling, plan=None):
     q = query.reshape(b, hkv, g * t, d)
     m = None
     if mask is not None:
-        m = plan.grouped_mask(mask, g) if plan is not None else mask.expand(b, 1, g, t, s).reshape(b, 1, g * t, s)
+        if plan is not None:
+            m = plan.grouped_mask(mask, g, query.dtype)
+        else:
+            m = mask.expand(b, 1, g, t, s).reshape(b, 1, g * t, s).to(query.dtype)
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=m, scale=scaling)  # [B, Hkv, G*T, D]
     return out.view(b, hq, t, d).transpose(1, 2)
 

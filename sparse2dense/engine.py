@@ -214,22 +214,22 @@ class _Run:
         # gamma="auto" also measures the model's own weights, and uses the faster per round, where
         # the copy may not pay: float copies (bf16 products at batch 1 are slower than fp32 on CPUs
         # measured so far) and int4 (lower acceptance). int8 drafted as well as fp32 and cost less
-        # at every batch size measured, so probing fp32 would only cost rounds.
+        # at every batch size auto picks it for, so probing fp32 would only cost rounds.
         return own + low if cfg.auto_gamma and name != "int8" else low
 
     def _auto_precision(self, model, dtype) -> torch.dtype | str | None:
         """``draft_dtype="auto"``: the cheaper drafter weights this model, device and batch can use.
 
-        Weight-only int8 where the lean forward and its kernel exist (CPU) up to batch 8, else bf16
-        where the hardware multiplies it natively. Measured on SmolLM2-135M, 2-core Xeon with AMX,
-        draft step at 2000 tokens, budget 256: int8 26.7 ms vs bf16 39.5 ms at batch 4, 43.9 vs 46.0
-        at batch 8, 67.4 vs 54.6 at batch 16 (int8 kept fp32's acceptance; int4 lost half of it).
+        Weight-only int8 where the lean forward and its kernel exist (CPU) up to batch 4, else bf16
+        where the hardware multiplies it natively. From `python -m sparse2dense.bench.kernels` (the
+        MLP products of SmolLM2-135M, 2-core Xeon with AMX), int8 vs bf16: 6.4 vs 15.2 ms at 1 row,
+        8.6 vs 11.8 at 4, 15.2 vs 11.5 at 8, 23.4 vs 12.1 at 16. int8 drafts kept fp32's acceptance
+        in the README's sweeps; int4 (cheaper still) lost about half of it, so it is not picked.
         Either only when free memory holds the copy twice over; None keeps the model's own weights.
-        """
         if dtype != torch.float32:
             return None
         bf16_ok = fast_bf16(self.device)
-        if supports_lean(model) and weight_format_supported("int8", self.device) and (self.batch <= 8 or not bf16_ok):
+        if supports_lean(model) and weight_format_supported("int8", self.device) and (self.batch <= 4 or not bf16_ok):
             wanted, size = "int8", copy_size_estimate(model, torch.int8)
         elif bf16_ok and (self.cfg.auto_gamma or self.batch >= 4):
             # At batch 1-3 a bf16 step through the model's own forward is not cheaper on CPUs measured so far.

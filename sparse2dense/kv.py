@@ -90,12 +90,13 @@ class ForwardPlan:
                     self._tail = m[:, self.span - self.q_len :]
         return None if self._tail is False else self._tail
 
-    def grouped_mask(self, mask: torch.Tensor, group: int) -> torch.Tensor:
+    def grouped_mask(self, mask: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
         """``mask`` ``[B, 1, 1, T, S]`` laid out for ``group`` query heads stacked per KV head:
-        ``[B, 1, group * T, S]``. Built once per forward pass and shared by every layer."""
-        if self._grouped is None or self._grouped[0] is not mask or self._grouped[1] != group:
+        ``[B, 1, group * T, S]`` in ``dtype``. Built once per forward pass and shared by every layer."""
+        if self._grouped is None or self._grouped[0] is not mask or self._grouped[1] != (group, dtype):
             b, _, _, t, s = mask.shape
-            self._grouped = (mask, group, mask.expand(b, 1, group, t, s).reshape(b, 1, group * t, s))
+            grouped = mask.expand(b, 1, group, t, s).reshape(b, 1, group * t, s).to(dtype)
+            self._grouped = (mask, (group, dtype), grouped)
         return self._grouped[2]
 
     def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

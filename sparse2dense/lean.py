@@ -153,7 +153,6 @@ class LeanDecoder:
         self.embed = decoder.embed_tokens
         self.rotary = decoder.rotary_emb
         self.norm = _norm_weight(decoder.norm)
-        self.cache_dtype = next(model.parameters()).dtype
         self.head = _Product([model.get_output_embeddings()], fmt)
         first = decoder.layers[0]
         self.head_dim = first.self_attn.head_dim
@@ -188,8 +187,8 @@ class LeanDecoder:
     def __call__(self, ids: torch.Tensor, position_ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
         b, t = ids.shape
         d, nq, nkv = self.head_dim, self.n_q, self.n_kv
-        low, cache = torch.bfloat16, self.cache_dtype
         plan = active_plan()
+        low, cache = torch.bfloat16, plan.buffer.k.dtype  # the draft KV buffer's precision
         h = self.embed(ids).float()  # [B, T, H]: the residual stream stays in fp32
         width = (h.shape[-1],)
         cos, sin = self.rotary(h, position_ids)  # [B, T, D]
@@ -200,7 +199,7 @@ class LeanDecoder:
             qkv = layer.qkv(x).to(cache).view(b, t, nq + 2 * nkv, d)
             qk = qkv[:, :, : nq + nkv]
             if layer.qk_norm is not None:
-                qk = F.rms_norm(qk, (d,), None, layer.qk_norm[1]) * layer.qk_norm[0]
+                qk = (F.rms_norm(qk.float(), (d,), None, layer.qk_norm[1]) * layer.qk_norm[0]).to(cache)
             qk = qk * cos + qk.roll(half, dims=-1) * sin  # RoPE on Q and K together
             q = qk[:, :, :nq].transpose(1, 2)
             k = qk[:, :, nq:].transpose(1, 2)

@@ -118,11 +118,11 @@ def test_auto_draft_dtype_picks_int8_on_cpu(llama):
     assert out.stats.draft_dtype == "int8"
 
 
-def test_auto_draft_dtype_prefers_bf16_above_batch_8(llama):
+def test_auto_draft_dtype_prefers_bf16_above_batch_4(llama):
     from sparse2dense.drafter import fast_bf16
 
     gen = torch.Generator().manual_seed(4)
-    ids, mask = make_batch(gen, [120 + 9 * i for i in range(9)])
+    ids, mask = make_batch(gen, [120 + 9 * i for i in range(5)])
     out = check_parity(llama, ids, mask, 6, cfg(32, 3, draft_dtype="auto"), both=False)
     assert out.stats.draft_dtype == ("bfloat16" if fast_bf16(torch.device("cpu")) else "int8")
 
@@ -152,3 +152,14 @@ def test_generate_accepts_int_draft_dtype(llama):
     out = sparse2dense.generate(llama, ids, mask, max_new_tokens=10, budget=32, gamma=3, draft_dtype="int4")
     assert torch.equal(out.sequences, ref)
     assert out.stats.draft_dtype == "int4"
+
+
+@pytest.mark.parametrize("draft_dtype", [None, "int8"])
+def test_bf16_model_left_padded_batch_runs(draft_dtype):
+    """A bf16 model at batch > 1: masks reach the fused attention kernel in the model's precision."""
+    model = build_model("llama", seed=2).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(8)
+    ids, mask = make_batch(gen, [150, 90, 120])
+    out = sparse2dense.generate(model, ids, mask, max_new_tokens=8, budget=32, gamma=3, draft_dtype=draft_dtype)
+    assert out.sequences.shape == (3, ids.shape[1] + 8)
+    assert out.stats.drafted > 0
