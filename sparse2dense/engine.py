@@ -226,6 +226,7 @@ class _Run:
         8.6 vs 11.8 at 4, 15.2 vs 11.5 at 8, 23.4 vs 12.1 at 16. int8 drafts kept fp32's acceptance
         in the README's sweeps; int4 (cheaper still) lost about half of it, so it is not picked.
         Either only when free memory holds the copy twice over; None keeps the model's own weights.
+        """
         if dtype != torch.float32:
             return None
         bf16_ok = fast_bf16(self.device)
