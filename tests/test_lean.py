@@ -13,7 +13,7 @@ import random
 
 import pytest
 import torch
-from conftest import FULL_ATTENTION_ARCHS, VOCAB, build_model, make_batch
+from conftest import FULL_ATTENTION_ARCHS, SLIDING_ARCHS, VOCAB, build_model, make_batch
 from test_parity_text import cfg, check_parity
 
 import sparse2dense
@@ -103,6 +103,16 @@ def test_lean_drafters_are_lossless(tiny_model, arch, fmt):
             assert out.stats.draft_dtype == ("bfloat16" if fmt == "bf16" else fmt)
             assert out.stats.draft_weights_mb > 0
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", SLIDING_ARCHS)
+def test_lean_drafters_with_sliding_window_models_are_lossless(tiny_model, arch):
+    """The lean drafter ignores sliding windows (it only proposes); the verifier applies them."""
+    model = tiny_model(arch)
+    gen = torch.Generator().manual_seed(23)
+    for lens, gamma in (([300], 5), ([220, 90, 160], 3)):
+        ids, mask = make_batch(gen, lens)
+        check_parity(model, ids, mask, 24, cfg(32, gamma, draft_dtype="int8"), both=len(lens) == 1)
 
 
 def test_int_drafters_use_fewer_bytes(llama):
