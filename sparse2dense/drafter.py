@@ -123,26 +123,24 @@ def copy_size_estimate(model: nn.Module, dtype: torch.dtype) -> int:
 def make_drafter(model: nn.Module, precision: torch.dtype | str) -> tuple[str, object, int]:
     """A drafter whose weights are in ``precision``: ``(name, drafter, bytes of its own weights)``.
 
-    ``precision`` is a floating ``torch.dtype`` (a copy of the language weights, run by the model's
-    own forward) or ``"int8"``/``"int4"`` (a lean weight-only integer forward; Llama-style text
-    models on CPU). Raises ``ValueError`` with the reason when the model or device cannot have it.
+    ``precision`` is a floating ``torch.dtype`` or ``"int8"``/``"int4"``. Integer formats, and bf16
+    on the families :func:`~sparse2dense.lean.supports_lean` accepts, run the lean forward (bf16
+    there measured faster than the model's own forward on a bf16 copy at batch 4-8); other float
+    copies run the model's own forward. Raises ``ValueError`` with the reason when the model or
+    device cannot have it.
     """
+    fmt = "bf16" if precision == torch.bfloat16 and supports_lean(model) else precision
+    if not isinstance(fmt, str):
+        clone = draft_model(model, fmt)
+        return str(fmt).removeprefix("torch."), clone, copy_nbytes(model, fmt)
+    if not supports_lean(model):
+        raise ValueError(
+            f"draft_dtype={fmt!r} supports Llama, Mistral, Qwen2 and Qwen3 text models; "
+            f"{type(model).__name__} is not one (torch.bfloat16 works for every model).")
     device = next(model.parameters()).device
-    if precision == torch.bfloat16 and supports_lean(model):
-        # The lean forward with fused bf16 products: measured faster than the model's own forward
-        # on a bf16 copy (batch 4-8 here).
-        lean = lean_decoder(model, "bf16")
-        return "bfloat16", lean, lean.nbytes()
-    if isinstance(precision, str):
-        if not supports_lean(model):
-            raise ValueError(
-                f"draft_dtype={precision!r} supports Llama, Mistral, Qwen2 and Qwen3 text models; "
-                f"{type(model).__name__} is not one (torch.bfloat16 works for every model).")
-        if not weight_format_supported(precision, device):
-            raise ValueError(
-                f"draft_dtype={precision!r} needs PyTorch's weight-only {precision} CPU kernel; the model is on "
-                f"{device.type} (torch.bfloat16 works there).")
-        lean = lean_decoder(model, precision)
-        return precision, lean, lean.nbytes()
-    copy = draft_model(model, precision)
-    return str(precision).removeprefix("torch."), copy, copy_nbytes(model, precision)
+    if not weight_format_supported(fmt, device):
+        raise ValueError(
+            f"draft_dtype={fmt!r} needs PyTorch's weight-only {fmt} CPU kernel; the model is on "
+            f"{device.type} (torch.bfloat16 works there).")
+    lean = lean_decoder(model, fmt)
+    return ("bfloat16" if fmt == "bf16" else fmt), lean, lean.nbytes()
