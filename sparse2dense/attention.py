@@ -52,15 +52,14 @@ def _grouped_attention(query, key, value, mask, scaling, plan=None):
         out = torch.empty(1, hkv, g * t, d, dtype=query.dtype, device=query.device)
         # Usually only the block's own last T columns are masked (causal within the block).
         tail = plan.causal_tail() if mask is not None and plan is not None and mask is plan.mask else None
-        for h in range(hkv):
-            scores = torch.mm(q[0, h], key[0, h].t())
-            if mask is not None:
-                view = scores.view(g, t, s)
-                if tail is not None:
-                    view[:, :, s - t :].add_(tail)
-                else:
-                    view.add_(mask[0, 0])
-            torch.mm(torch.softmax(scores, dim=-1), value[0, h], out=out[0, h])
+        full = mask[0, 0] if mask is not None and tail is None else None
+        for qh, kh, vh, oh in zip(q[0].unbind(0), key[0].unbind(0), value[0].unbind(0), out[0].unbind(0)):
+            scores = torch.mm(qh, kh.t())  # [G*T, S]
+            if tail is not None:
+                scores.view(g, t, s)[:, :, s - t :].add_(tail)
+            elif full is not None:
+                scores.view(g, t, s).add_(full)
+            torch.mm(torch.softmax(scores, dim=-1), vh, out=oh)
         return out.view(1, hq, t, d).transpose(1, 2)
     q = query.reshape(b, hkv, g * t, d)
     m = None

@@ -4,7 +4,8 @@ Verification makes the output exact whatever the drafter proposes, so the drafte
 weights: a ``bfloat16`` copy halves the bytes a draft step reads and, on CPUs with AMX or GPUs with
 tensor cores, multiplies faster. Only the parameters of the language model and the output head are
 copied; everything else (a vision tower, rotary frequency buffers, the config) is shared or kept in
-its own precision. The copy is made once per model and dtype and reused by later calls.
+its own precision. The copy is made once per model and dtype and reused by later calls (rebuilt if
+the model's weights have changed since).
 
 Weight-only integer drafters (``"int8"``, ``"int4"``) are :class:`~sparse2dense.lean.LeanDecoder`
 passes; :func:`make_drafter` builds either kind.
@@ -19,9 +20,9 @@ import torch
 from torch import nn
 
 from .attention import ATTN_NAME
-from .lean import lean_decoder, supports_lean, weight_format_supported
+from .lean import lean_decoder, supports_lean, weight_format_supported, weights_fingerprint
 
-_COPIES: "weakref.WeakKeyDictionary[nn.Module, dict[torch.dtype, nn.Module]]" = weakref.WeakKeyDictionary()
+_COPIES: "weakref.WeakKeyDictionary[nn.Module, dict[torch.dtype, tuple[tuple, nn.Module]]]" = weakref.WeakKeyDictionary()
 
 
 def _language_modules(model: nn.Module) -> list[nn.Module]:
@@ -51,8 +52,9 @@ def draft_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     if dtype == own:
         return model
     per_model = _COPIES.setdefault(model, {})
-    if dtype in per_model:
-        return per_model[dtype]
+    stamp = weights_fingerprint(model)
+    if dtype in per_model and per_model[dtype][0] == stamp:
+        return per_model[dtype][1]
     paths = [_path_of(model, m) for m in _language_modules(model)]
     # Share every parameter and buffer with the original (no copy of the fp32 weights) ...
     memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
@@ -72,7 +74,7 @@ def draft_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     text_config = clone.config.get_text_config() if hasattr(clone.config, "get_text_config") else clone.config
     text_config._attn_implementation_internal = ATTN_NAME
     clone.eval()
-    per_model[dtype] = clone
+    per_model[dtype] = (stamp, clone)
     return clone
 
 

@@ -27,7 +27,7 @@ from .adaptive import GammaController, auto_budget
 from .attention import attention_routed
 from .config import AUTO, StdConfig
 from .drafter import copy_size_estimate, fast_bf16, free_memory_bytes, make_drafter
-from .lean import LeanDecoder, supports_lean, weight_format_supported
+from .lean import EXACT, LeanDecoder, lean_decoder, supports_exact, supports_lean, weight_format_supported
 from .kv import BufferCache, ForwardPlan, KVBuffer, build_mask, use_plan
 from .selection import (
     ScoreQueryCapture, Selection, attention_scores, build_draft_cache, gather_selection, scoring_columns,
@@ -159,6 +159,10 @@ class _Run:
         self.stats.budget = self.budget
 
         dtype = next(model.parameters()).dtype
+        # Decode-time passes of the model's own weights (verification, dense steps, drafting at the
+        # model's precision) run the exact lean forward where the family has one: the same logits,
+        # bit for bit, in fewer ops. Prefill keeps the model's forward.
+        self.exact: LeanDecoder | None = lean_decoder(model, EXACT) if supports_exact(model) else None
         self.drafters = self._drafters(model, dtype)  # [(name, module)]
         self.drafter = self.drafters[0][1]
         self.controller: GammaController | None = None
@@ -250,6 +254,8 @@ class _Run:
         """
         if not position_ids_ready:
             positions = self.adapter.position_ids(positions)
+        if (model is None or model is self.model) and self.exact is not None and not plan.prefill and not extra:
+            model = self.exact
         with use_plan(plan):
             if isinstance(model, LeanDecoder):
                 return model(ids, positions, all_logits)
