@@ -9,7 +9,6 @@ which source frames the sampler picked.
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 import time
 from pathlib import Path
