@@ -162,7 +162,7 @@ def _window(attn: nn.Module) -> int | None:
 class _Layer:
     index: int  # the layer's index in the KV buffers
     scaling: float  # the attention's softmax scale
-    sliding: bool  # a sliding-window layer (reads the plan's sliding mask when it has one)
+    sliding: bool  # sliding-window layer: the exact forward reads the sliding mask (drafters ignore windows)
     ln_in: tuple[torch.Tensor, float]  # RMSNorm weight [H] and epsilon
     ln_post: tuple[torch.Tensor, float]
     qk_norm: tuple[torch.Tensor, float] | None  # Qwen3: per-head RMSNorm of Q and K, weight [Hq + Hkv, D]
