@@ -6,13 +6,16 @@ that the drafts before it were. Plain dense decoding commits 1 token per ``c_ver
 controller measures those costs on the running workload (this model, batch, context and machine),
 tracks ``a`` from the rounds so far, and drafts the ``g`` that maximises committed tokens per
 second, which is ``g = 0`` (dense decoding, no drafter call at all) when no draft length can beat
-dense. Dense rounds occasionally re-probe a short draft so a drafter that starts to pay is noticed.
+dense. Decisions read ``a`` optimistically (one standard error up), so early bad luck does not end
+speculation that would pay; dense rounds occasionally re-probe a short draft so a drafter that
+starts to pay is noticed.
 
 Nothing here changes which tokens are produced: every draft length gives the dense output.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .config import MAX_AUTO_GAMMA
@@ -66,6 +69,17 @@ class _Arm:
         speculation off for good (the data outweigh the prior after a few rounds).
         """
         return min(0.995, (self.acc + 1.6) / (self.trials + 2.0))
+
+    @property
+    def alpha_upper(self) -> float:
+        """An optimistic acceptance estimate: one standard error above :attr:`alpha`.
+
+        Decisions use it, so a few unlucky early rounds do not switch speculation off while they
+        are all the evidence there is (dense rounds gather none). As rounds accumulate it
+        approaches :attr:`alpha`.
+        """
+        a = self.alpha
+        return min(0.995, a + math.sqrt(a * (1.0 - a) / (self.trials + 2.0)))
 
 
 @dataclass
@@ -136,15 +150,17 @@ class GammaController:
         slope = max(0.0, sum(slopes) / len(slopes))
         return c1 + slope * (t - 1)
 
-    def expected_speedup(self, g: int, arm: int = 0) -> float | None:
-        """Committed tokens per second with ``g`` drafts from ``arm``, relative to dense decoding."""
+    def expected_speedup(self, g: int, arm: int = 0, optimistic: bool = False) -> float | None:
+        """Committed tokens per second with ``g`` drafts from ``arm``, relative to dense decoding
+        (at the acceptance estimate, or its optimistic bound with ``optimistic``)."""
         c1, cd = self._c1.value, self._arms[arm].c_draft.value
         if c1 is None or cd is None:
             return None
         if g == 0:
             return 1.0
         cost = g * cd + self.verify_cost(g + 1)
-        return expected_tokens(self._arms[arm].alpha, g) * c1 / cost
+        a = self._arms[arm]
+        return expected_tokens(a.alpha_upper if optimistic else a.alpha, g) * c1 / cost
 
     # -------------------------------------------------------------- decisions
     def next_round(self, room: int) -> tuple[int, int]:
@@ -160,7 +176,7 @@ class GammaController:
         best, best_s = (0, 0), self.margin
         for i in range(len(self._arms)):
             for g in range(1, limit + 1):
-                s = self.expected_speedup(g, i)
+                s = self.expected_speedup(g, i, optimistic=True)
                 if s is not None and s > best_s:
                     best, best_s = (i, g), s
         if best[1] == 0:
