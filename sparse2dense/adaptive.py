@@ -6,9 +6,9 @@ that the drafts before it were. Plain dense decoding commits 1 token per ``c_ver
 controller measures those costs on the running workload (this model, batch, context and machine),
 tracks ``a`` from the rounds so far, and drafts the ``g`` that maximises committed tokens per
 second, which is ``g = 0`` (dense decoding, no drafter call at all) when no draft length can beat
-dense. Decisions read ``a`` optimistically (one standard error up), so early bad luck does not end
-speculation that would pay; dense rounds occasionally re-probe a short draft so a drafter that
-starts to pay is noticed.
+dense. While ``a`` rests on few rounds, speculation continues as long as its optimistic bound (one
+standard error up) says drafting could pay, so early bad luck does not end speculation that would;
+dense rounds occasionally re-probe a short draft so a drafter that starts to pay is noticed.
 
 Nothing here changes which tokens are produced: every draft length gives the dense output.
 """
@@ -74,9 +74,9 @@ class _Arm:
     def alpha_upper(self) -> float:
         """An optimistic acceptance estimate: one standard error above :attr:`alpha`.
 
-        Decisions use it, so a few unlucky early rounds do not switch speculation off while they
-        are all the evidence there is (dense rounds gather none). As rounds accumulate it
-        approaches :attr:`alpha`.
+        Speculation stays on while it says drafting could pay, so a few unlucky early rounds do
+        not switch it off while they are all the evidence there is (dense rounds gather none). As
+        rounds accumulate it approaches :attr:`alpha`.
         """
         a = self.alpha
         return min(0.995, a + math.sqrt(a * (1.0 - a) / (self.trials + 2.0)))
@@ -173,12 +173,21 @@ class GammaController:
         for i, a in enumerate(self._arms):
             if a.c_draft.value is None:  # measure every drafter once
                 return i, min(self.first_gamma, limit)
-        best, best_s = (0, 0), self.margin
+        best, best_s = (0, 0), self.margin  # the choice at the acceptance estimate
+        short, short_s = (0, 0), 0.0  # the best draft length at the estimate, even below dense
+        hopeful = False  # whether some draft length could pay at the optimistic acceptance
         for i in range(len(self._arms)):
             for g in range(1, limit + 1):
-                s = self.expected_speedup(g, i, optimistic=True)
+                s = self.expected_speedup(g, i)
                 if s is not None and s > best_s:
                     best, best_s = (i, g), s
+                if s is not None and s > short_s:
+                    short, short_s = (i, g), s
+                hopeful = hopeful or (self.expected_speedup(g, i, optimistic=True) or 0.0) > self.margin
+        if best[1] == 0 and hopeful:
+            # Dense looks best, but only on thin evidence: keep drafting (at the length the estimate
+            # likes best) until the evidence settles it either way.
+            best = short
         if best[1] == 0:
             # Dense is best for now; re-probe a short draft now and then, backing off each time.
             self._since_probe += 1
