@@ -206,6 +206,30 @@ def test_controller_prefers_the_cheaper_drafter():
     assert late and sum(a == 1 for a in late) > 0.9 * len(late)
 
 
+def test_controller_keeps_drafting_after_an_unlucky_start():
+    """Batch 2 x 2000 on SmolLM2 with int8 drafts: the first speculative round rejected half of one
+    row's drafts, and the controller then decoded densely though drafting paid. Thin evidence must
+    not switch speculation off."""
+    ctl = GammaController()
+    ctl.observe(0, 0, 0.0, 1.0, [0, 0])  # the dense round
+    ctl.observe(0, 4, 4 * 0.55, 1.8, [4, 2])  # unlucky: row 2 accepts 2 of 4
+    ctl.observe(0, 1, 0.55, 1.4, [1, 0])
+    rng = random.Random(5)
+    chosen = []
+    for _ in range(30):  # the true acceptance is 0.95, where drafting 3-5 tokens pays ~1.2x
+        arm, g = ctl.next_round(room=1000)
+        accepted = []
+        for _row in range(2):
+            n = 0
+            while n < g and rng.random() < 0.95:
+                n += 1
+            accepted.append(n)
+        ctl.observe(arm, g, g * 0.55, 1.0 + 0.2 * g, accepted)
+        chosen.append(g)
+    assert sum(g > 0 for g in chosen) >= 25, chosen
+    assert ctl.expected_speedup(4) > 1.03  # and the evidence now says so on its own
+
+
 def test_controller_respects_room():
     ctl = GammaController()
     _feed(ctl, c1=1.0, c_draft=0.05, verify_slope=0.01, alpha=0.95, rounds=30, rng=random.Random(4))
