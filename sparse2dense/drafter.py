@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from .attention import ATTN_NAME
-from .lean import lean_decoder, supports_lean, weight_format_supported, weights_fingerprint
+from .lean import cached_for_weights, lean_decoder, supports_lean, weight_format_supported
 
-_COPIES: "weakref.WeakKeyDictionary[nn.Module, dict[torch.dtype, tuple[tuple, nn.Module]]]" = weakref.WeakKeyDictionary()
+# model -> {dtype: (weights fingerprint, copy)}
+_COPIES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def _language_modules(model: nn.Module) -> list[nn.Module]:
@@ -51,10 +52,11 @@ def draft_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     own = next(model.parameters()).dtype
     if dtype == own:
         return model
-    per_model = _COPIES.setdefault(model, {})
-    stamp = weights_fingerprint(model)
-    if dtype in per_model and per_model[dtype][0] == stamp:
-        return per_model[dtype][1]
+    return cached_for_weights(_COPIES, model, dtype, lambda: _lower_precision_copy(model, dtype))
+
+
+def _lower_precision_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` sharing everything but the language weights, which are in ``dtype``."""
     paths = [_path_of(model, m) for m in _language_modules(model)]
     # Share every parameter and buffer with the original (no copy of the fp32 weights) ...
     memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
@@ -74,7 +76,6 @@ def draft_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     text_config = clone.config.get_text_config() if hasattr(clone.config, "get_text_config") else clone.config
     text_config._attn_implementation_internal = ATTN_NAME
     clone.eval()
-    per_model[dtype] = (stamp, clone)
     return clone
 
 

@@ -80,8 +80,8 @@ class _Product:
     """``y = x @ W.T (+ b)`` for ``x`` ``[..., K]`` bf16, with ``W`` in one of :data:`WEIGHT_FORMATS`.
 
     ``linears`` are fused along their outputs: the result is ``[..., sum N_i]`` in bf16. With format
-    :data:`EXACT` the linears keep the model's own tensors and dtype, and each is applied as the
-    model applies it (one ``F.linear`` each, outputs concatenated).
+    :data:`EXACT` the linears keep the model's own tensors and dtype (:attr:`linears`); the exact
+    forward applies them one by one, as the model does, so only a single-linear product is callable.
     """
 
     __slots__ = ("fmt", "w", "scale", "group", "bias", "linears")
@@ -124,9 +124,8 @@ class _Product:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.linears is not None:
-            if len(self.linears) == 1:
-                return F.linear(x, *self.linears[0])
-            return torch.cat([F.linear(x, w, b) for w, b in self.linears], dim=-1)
+            (weight, bias), = self.linears
+            return F.linear(x, weight, bias)
         x2 = x.reshape(-1, x.shape[-1])
         if self.fmt == "bf16":
             y = torch.mm(x2, self.w)
@@ -317,15 +316,21 @@ def weights_fingerprint(model: nn.Module) -> tuple:
     return tuple(prints)
 
 
+def cached_for_weights(store: weakref.WeakKeyDictionary, model: nn.Module, key, build):
+    """``store[model][key]``, built by ``build()`` on first use and again whenever ``model``'s weights
+    have changed since (:func:`weights_fingerprint`)."""
+    per_model = store.setdefault(model, {})
+    stamp = weights_fingerprint(model)
+    if key not in per_model or per_model[key][0] != stamp:
+        per_model[key] = (stamp, build())
+    return per_model[key][1]
+
+
 def lean_decoder(model: nn.Module, fmt: str) -> LeanDecoder:
     """The cached :class:`LeanDecoder` of ``model`` in weight format ``fmt`` (built on first use, and
     again whenever the model's weights have changed since)."""
-    per_model = _LEAN.setdefault(model, {})
-    stamp = weights_fingerprint(model)
-    if fmt not in per_model or per_model[fmt][0] != stamp:
-        per_model[fmt] = (stamp, LeanDecoder(model, fmt))
-    return per_model[fmt][1]
+    return cached_for_weights(_LEAN, model, fmt, lambda: LeanDecoder(model, fmt))
 
 
-__all__ = ["EXACT", "LeanDecoder", "lean_decoder", "supports_exact", "supports_lean", "weight_format_supported",
-           "weights_fingerprint"]
+__all__ = ["EXACT", "LeanDecoder", "cached_for_weights", "lean_decoder", "supports_exact", "supports_lean",
+           "weight_format_supported", "weights_fingerprint"]
