@@ -6,9 +6,12 @@ that the drafts before it were. Plain dense decoding commits 1 token per ``c_ver
 controller measures those costs on the running workload (this model, batch, context and machine),
 tracks ``a`` from the rounds so far, and drafts the ``g`` that maximises committed tokens per
 second, which is ``g = 0`` (dense decoding, no drafter call at all) when no draft length can beat
-dense. While ``a`` rests on few rounds, speculation continues as long as its optimistic bound (one
-standard error up) says drafting could pay, so early bad luck does not end speculation that would;
-dense rounds occasionally re-probe a short draft so a drafter that starts to pay is noticed.
+dense. The first two rounds are dense and the cheaper of them is the dense cost (the first step
+after prefill runs cold). While ``a`` rests on few rounds, speculation continues as long as its
+optimistic bound (one standard error up) says drafting could pay, and perfect acceptance would pay
+clearly, so early bad luck does not end speculation that would; dense rounds occasionally re-probe
+a short draft so a drafter that starts to pay is noticed. When rows finish and leave a batch, the
+next round's measured cost rescales every cost estimate.
 
 Nothing here changes which tokens are produced: every draft length gives the dense output.
 """
@@ -24,14 +27,14 @@ from .config import MAX_AUTO_GAMMA
 def auto_budget(n_keep: int, n_candidates: int, batch: int = 1) -> int:
     """The drafter budget ``budget="auto"`` uses for a prompt (per row; the engine takes the max).
 
-    Keeps every non-candidate token plus ``max(256, 1024 // batch)`` candidates (all of them when
-    there are fewer). A draft step reads the budget's KV entries for every row, so its attention cost
-    grows with ``batch * budget`` while the weights it reads stay fixed; fewer entries lose acceptance.
-    Fitted to the README's sweeps on SmolLM2-135M (2-core CPU): at batch 1 a budget of 1024 kept
-    acceptance at 0.9-1.0 from 1k to 8k tokens, where 500 lost a sixth of it at 4k; at batch 4 x 2000
-    tokens 256 was the fastest budget.
+    Keeps every non-candidate token plus 1024 candidates at batch 1 and 256 at larger batches (all
+    of them when there are fewer). A draft step reads the budget's KV entries for every row, so its
+    attention cost grows with ``batch * budget`` while the weights it reads stay fixed; fewer entries
+    lose acceptance. Fitted to the README's sweeps on SmolLM2-135M (2-core CPU): at batch 1 a budget
+    of 1024 kept acceptance at 0.9-1.0 from 1k to 8k tokens, where 500 lost a sixth of it at 4k; at
+    batch 2 and 4 x 2000 tokens 256 kept acceptance at 0.94-0.95 and was the fastest budget.
     """
-    return n_keep + min(n_candidates, max(256, 1024 // max(1, batch)))
+    return n_keep + min(n_candidates, 1024 if batch <= 1 else 256)
 
 
 def expected_tokens(alpha: float, g: int) -> float:
@@ -103,9 +106,14 @@ class GammaController:
     drafters: tuple[str, ...] = ("model",)
     max_gamma: int = MAX_AUTO_GAMMA
     first_gamma: int = 4
+    first_dense_rounds: int = 2  # the dense step's cost is their minimum (the first step runs cold)
     decay: float = 0.9
     probe_every: int = 16
     margin: float = 1.03  # speculate only when the model expects >= 3% more tokens per second
+    # While the acceptance rests on few rounds, drafting continues where its optimistic bound beats
+    # ``margin``, unless even perfect acceptance would gain less than ``hope_margin``: a drafter that
+    # could only just pay at best is not worth the rounds it takes to find out.
+    hope_margin: float = 1.10
     speculate: bool = True  # False: a drafter is unavailable (dense decoding only)
     reason: str = ""
     _arms: list[_Arm] = field(default_factory=list)
@@ -113,6 +121,8 @@ class GammaController:
     _verify: dict[int, _Ema] = field(default_factory=dict)
     _since_probe: int = 0
     _probe_gap: int = 0
+    _rescale: bool = False
+    _dense_seen: int = 0
     history: list[tuple[int, int]] = field(default_factory=list)  # (arm, gamma) per round
 
     def __post_init__(self) -> None:
@@ -122,8 +132,14 @@ class GammaController:
     def observe(self, arm: int, g: int, draft_s: float, verify_s: float, n_accepted: list[int]) -> None:
         """Record one round: drafter ``arm``, ``g`` drafts, its timings, accepted drafts per live row."""
         self.history.append((arm, g))
+        if self._rescale:
+            self._rescale_costs(self.round_cost(arm, g), draft_s + verify_s)
         if g == 0:
-            self._c1.add(verify_s)
+            if self._dense_seen < self.first_dense_rounds and self._c1.value is not None:
+                self._c1.value = min(self._c1.value, verify_s)
+            else:
+                self._c1.add(verify_s)
+            self._dense_seen += 1
             return
         a = self._arms[arm]
         a.c_draft.add(draft_s / g)
@@ -134,6 +150,29 @@ class GammaController:
             # Geometric model: n successes, then one failure unless every draft was accepted.
             a.acc += n
             a.trials += n + (1 if n < g else 0)
+
+    def batch_changed(self) -> None:
+        """Rows stopped and left the batch: every step now costs less. The next round's measured
+        cost rescales all cost estimates at once (dense, verify and draft steps alike), so decisions
+        do not wait for each estimate to be re-measured, and the dense cost, which is only measured in
+        dense rounds, does not stay at the larger batch's."""
+        self._rescale = True
+
+    def _rescale_costs(self, predicted: float | None, measured: float) -> None:
+        self._rescale = False
+        if not predicted or measured <= 0:
+            return
+        ratio = measured / predicted
+        for ema in [self._c1, *self._verify.values(), *(a.c_draft for a in self._arms)]:
+            if ema.value is not None:
+                ema.value *= ratio
+
+    def round_cost(self, arm: int, g: int) -> float | None:
+        """Modelled seconds of a round of ``g`` drafts from ``arm`` (None before data)."""
+        if g == 0:
+            return self._c1.value
+        cd, cv = self._arms[arm].c_draft.value, self.verify_cost(g + 1)
+        return None if cd is None or cv is None else g * cd + cv
 
     def verify_cost(self, t: int) -> float | None:
         """Modelled seconds of a dense pass over ``t`` tokens per row (None before data)."""
@@ -162,14 +201,19 @@ class GammaController:
         a = self._arms[arm]
         return expected_tokens(a.alpha_upper if optimistic else a.alpha, g) * c1 / cost
 
+    def perfect_speedup(self, g: int, arm: int = 0) -> float | None:
+        """The speedup of ``g`` drafts from ``arm`` if every draft were accepted (the limit)."""
+        c1, cost = self._c1.value, self.round_cost(arm, g)
+        return None if c1 is None or not cost else (g + 1) * c1 / cost
+
     # -------------------------------------------------------------- decisions
     def next_round(self, room: int) -> tuple[int, int]:
         """``(arm, gamma)`` for the next round; gamma is at most ``room - 1`` (tokens left)."""
         limit = max(0, min(self.max_gamma, room - 1))
         if not self.speculate or limit == 0:
             return 0, 0
-        if self._c1.value is None:
-            return 0, 0  # the first round measures the dense step
+        if self._dense_seen < self.first_dense_rounds:
+            return 0, 0  # the first rounds measure the dense step
         for i, a in enumerate(self._arms):
             if a.c_draft.value is None:  # measure every drafter once
                 return i, min(self.first_gamma, limit)
@@ -183,7 +227,8 @@ class GammaController:
                     best, best_s = (i, g), s
                 if s is not None and s > short_s:
                     short, short_s = (i, g), s
-                hopeful = hopeful or (self.expected_speedup(g, i, optimistic=True) or 0.0) > self.margin
+                hopeful = hopeful or ((self.expected_speedup(g, i, optimistic=True) or 0.0) > self.margin
+                                      and (self.perfect_speedup(g, i) or 0.0) > self.hope_margin)
         if best[1] == 0 and hopeful:
             # Dense looks best, but only on thin evidence: keep drafting (at the length the estimate
             # likes best) until the evidence settles it either way.

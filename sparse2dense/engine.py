@@ -61,6 +61,9 @@ class StdStats:
     fallback_reason: str = ""  # why speculation was turned off, when it was
     auto: dict = field(default_factory=dict)  # gamma="auto": rounds, dense rounds, mean gamma, costs
     reselections: int = 0  # times the drafter's selection was refreshed during decoding
+    compactions: int = 0  # times rows that had stopped were dropped from the forward passes
+    # One entry per round: [rows decoded, draft length, draft seconds, verify seconds].
+    round_log: list[list[float]] = field(default_factory=list)
     n_visual: list[int] = field(default_factory=list)  # visual (image/video) prompt tokens per row
     n_text: list[int] = field(default_factory=list)  # other non-padding prompt tokens per row
     n_candidates: list[int] = field(default_factory=list)  # droppable prompt tokens per row
@@ -194,6 +197,15 @@ class _Run:
         self.row_rounds = 0  # (row, round) pairs in which the row was still generating
         self.reselect_queries: torch.Tensor | None = None  # [L, B, Hq, 1, D] when re-selecting
         self.no_drafter_reason = ""
+        # Batch compaction (see _maybe_compact): current row i holds original row row_ids[i] and
+        # sits in slot i of both KV buffers; the full-batch tensors wait in _full meanwhile.
+        self.row_ids = torch.arange(self.batch)
+        self.full_batch = self.batch
+        self._full: dict | None = None
+        self._slot_rows: torch.Tensor | None = None  # original row in each buffer slot, once moved
+        # Rows are only dropped where nothing sees the batch as a whole: logits processors may
+        # address rows by index, and sampling draws random numbers for every row of the batch.
+        self.can_compact = self.processors is None and not do_sample
         self.score_policies: set[str] | None = None  # policies prefill captures queries for
         self.capture = None
         self.scaling = adapter.head_dim**-0.5
@@ -580,7 +592,117 @@ class _Run:
             "row_limit": self.row_limit.clone(),
         }
 
+    # ----------------------------------------------------------------------------- batch compaction
+    _ROW_STATE = ("seq", "n_gen", "finished", "finish_len", "row_limit", "dense_len", "draft_len", "active",
+                  "last", "pad", "valid", "attention_mask", "candidates", "keep", "input_ids", "row_ids")
+
+    def _maybe_compact(self) -> None:
+        """Drop rows that have stopped from the forward passes once enough of them have.
+
+        A batch decodes until its slowest row is done; without this, every pass keeps reading the
+        weights, K/V and attention of rows that finished rounds ago. Live rows keep their buffer
+        slots where they can; a live row from the back takes the slot of a stopped row in front
+        (their K/V swap, so nothing is lost and :meth:`restore` can put every row back).
+        """
+        if not self.can_compact:
+            return
+        n_done = int((~self.active).sum())
+        if n_done == 0 or n_done == self.batch or n_done < max(1, self.batch // 8):
+            return
+        self._compact(self.active.clone())
+
+    def _compact(self, keep: torch.Tensor) -> None:
+        """Keep the rows where ``keep`` (bool ``[batch]``, host) is True; see :meth:`_maybe_compact`."""
+        n = int(keep.sum())
+        if self._full is None:
+            self._full = {name: getattr(self, name) for name in self._ROW_STATE}
+            self._full["dense"] = self.dense
+            self._full["adapter"] = {name: getattr(self.adapter, name) for name in self.adapter.row_state}
+            self._slot_rows = torch.arange(self.batch)
+            sel = self.selection
+            if sel is not None:
+                self._full["selection"] = (sel.buffer, sel.n_selected, sel.n_candidates, sel.scores)
+        # Rows that leave write their final state into the full-batch tensors.
+        gone = torch.nonzero(~keep).flatten()
+        self._park(gone)
+        holes = [i for i in gone.tolist() if i < n]
+        movers = [j for j in torch.nonzero(keep).flatten().tolist() if j >= n]
+        order = list(range(n))
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        idx = torch.tensor(order)
+        used = int(self.dense_len.max())
+        dense = self._full["dense"]
+        draft = self._full["selection"][0] if self.selection is not None else None
+        draft_used = self.selection.base + int(self.draft_len.max()) if draft is not None else 0
+        for hole, mover in zip(holes, movers):
+            _swap_rows(dense, hole, mover, used)
+            if draft is not None:
+                _swap_rows(draft, hole, mover, draft_used)
+            self._slot_rows[[hole, mover]] = self._slot_rows[[mover, hole]]
+        for name in self._ROW_STATE:
+            value = getattr(self, name)
+            setattr(self, name, value[idx.to(value.device)])
+        dev_idx = idx.to(self.device)
+        for name in self.adapter.row_state:
+            value = getattr(self.adapter, name)
+            if isinstance(value, torch.Tensor) and value.shape[0] == self.batch:
+                setattr(self.adapter, name, value[idx.to(value.device)])
+        self.dense = KVBuffer(dense.k[:, :n], dense.v[:, :n])
+        if self.selection is not None:
+            sel = self.selection
+            sel.buffer = KVBuffer(draft.k[:, :n], draft.v[:, :n])
+            sel.n_selected, sel.n_candidates = sel.n_selected[dev_idx], sel.n_candidates[dev_idx]
+            if sel.scores is not None:
+                sel.scores = sel.scores[:, dev_idx]
+        if self.reselect_queries is not None:
+            self.reselect_queries = self.reselect_queries[:, dev_idx].contiguous()
+        self.batch = n
+        self.no_pad = bool((self.pad == 0).all())
+        self.cache.seq_length = int(self.dense_len.max())
+        self.stats.compactions += 1
+        if self.controller is not None:
+            self.controller.batch_changed()
+
+    def _park(self, rows: torch.Tensor) -> None:
+        """Write current rows ``rows`` (host LongTensor) into the full-batch tensors."""
+        ids = self.row_ids[rows]
+        for name in self._ROW_STATE:
+            full, value = self._full[name], getattr(self, name)
+            full[ids.to(full.device)] = value[rows.to(value.device)]
+
+    def _uncompact(self) -> None:
+        """Bring back the full batch (every row in its original place) after decoding."""
+        if self._full is None:
+            return
+        self._park(torch.arange(self.batch))
+        for name in self._ROW_STATE:
+            setattr(self, name, self._full[name])
+        self.dense = self._full["dense"]
+        for name, value in self._full["adapter"].items():
+            setattr(self.adapter, name, value)
+        if "selection" in self._full:
+            sel = self.selection
+            sel.buffer, sel.n_selected, sel.n_candidates, sel.scores = self._full["selection"]
+        self.batch = self.full_batch
+        self.no_pad = bool((self.pad == 0).all())
+        self.reselect_queries = None
+        self._full = None
+
+    def _unpermute_buffers(self) -> None:
+        """Put every row's K/V back in its own buffer slot (after compaction moved some)."""
+        slots = self._slot_rows
+        self._slot_rows = None
+        if slots is None or bool((slots == torch.arange(len(slots))).all()):
+            return
+        where = torch.argsort(slots).to(self.device)  # where[r]: the slot holding row r
+        buffers = [self.dense] + ([self.selection.buffer] if self.selection is not None else [])
+        for buf in buffers:
+            for t in (buf.k, buf.v):
+                t.copy_(t[:, where])
+
     def restore(self, snap: dict) -> None:
+        self._unpermute_buffers()
         for key, value in snap.items():
             getattr(self, key).copy_(value)
         self.cache.seq_length = self.prompt_len
@@ -627,10 +749,13 @@ class _Run:
                 # generate() stops when its last row stops; rows that stopped earlier without padding
                 # continue to that same length.
                 final = int(self.finish_len.max())
+                if self._full is not None:
+                    final = max(final, int(self._full["finish_len"].max()))
                 self.row_limit.fill_(final)
                 self.active &= self.n_gen < final
                 self._rounds(gamma, until_all_done=True)
         self.stats.time_decode = time.perf_counter() - t_start
+        self._uncompact()
         if self.controller is not None:
             summary = self.controller.summary()
             self.stats.auto = summary
@@ -638,7 +763,7 @@ class _Run:
                 self.stats.speculation = "off"
                 self.stats.fallback_reason = self.controller.reason or (
                     "measured draft and verify costs: no draft length was expected to beat dense decoding")
-            elif summary["dense_rounds"] > 1:  # round 1 always measures the dense step
+            elif summary["dense_rounds"] > self.controller.first_dense_rounds:  # they measure the dense step
                 self.stats.speculation = "partial"
                 self.stats.fallback_reason = (
                     "dense decoding was expected to be faster in some rounds (measured costs and acceptance)")
@@ -656,6 +781,7 @@ class _Run:
                 self.drafter = self.drafters[arm][1]
             else:
                 g = max(0, min(gamma, room - 1))  # drafts beyond the last allowed token are wasted
+            n_batch = self.batch
             # 1. draft
             t0 = time.perf_counter()
             if g > 0:
@@ -697,6 +823,8 @@ class _Run:
                 ctl.observe(arm, g, t1 - t0, t2 - t1, n_acc_host.tolist())
             if self.reselect_queries is not None:
                 self._reselect_round(was_active)
+            self.stats.round_log.append([n_batch, g, round(t1 - t0, 6), round(t2 - t1, 6)])
+            self._maybe_compact()
 
     def _sparse_rounds(self) -> None:
         """Drafter-only decoding: each sparse step's argmax is committed as it is (lossy)."""
@@ -784,6 +912,14 @@ class _Run:
         s.dense_cache_mb = self.dense.nbytes() / 2**20
         s.tokens_per_second = s.new_tokens / s.time_decode if s.time_decode > 0 else 0.0
         return StdOutput(sequences, s)
+
+
+def _swap_rows(buf: KVBuffer, a: int, b: int, cols: int) -> None:
+    """Swap batch rows ``a`` and ``b`` of ``buf`` over columns ``[0, cols)``."""
+    for t in (buf.k, buf.v):
+        tmp = t[:, a, :, :cols].clone()
+        t[:, a, :, :cols] = t[:, b, :, :cols]
+        t[:, b, :, :cols] = tmp
 
 
 def generate(

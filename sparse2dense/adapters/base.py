@@ -27,6 +27,9 @@ class Adapter:
 
     #: prompt chunks may be prefilled separately (False when vision inputs need one pass).
     chunked_prefill: bool = True
+    #: attributes holding one entry per batch row (dim 0); the engine keeps them in step when it
+    #: drops finished rows from a batch.
+    row_state: tuple[str, ...] = ()
 
     def __init__(self, model):
         self.model = model

@@ -60,9 +60,11 @@ class QwenVLAdapter(VisionAdapter):
     3-D position ``t + rope_deltas[b]`` on all three axes.
     """
 
+    row_state = ("rope_deltas",)
+
     def __init__(self, model):
         super().__init__(model)
-        self.rope_deltas: torch.Tensor | None = None
+        self.rope_deltas: torch.Tensor | None = None  # [B, 1]
 
     def prefill_position_ids(self, input_ids, attention_mask, model_inputs, positions):
         kwargs = {k: v for k, v in model_inputs.items() if v is not None}

@@ -272,19 +272,23 @@ class Bench:
 def _cost_model(row: MethodRow, dense: MethodRow, fastest_ms: float) -> None:
     """Fill ``limit``, ``expected`` and ``fraction_of_expected`` from the measured step costs.
 
-    A round of ``g`` drafts costs ``g * draft + verify(g+1)`` (both measured in this run) and
-    commits ``tokens_per_round`` tokens per row; dense decoding commits one per step at the fastest
-    baseline's cost. ``limit`` assumes every draft is accepted.
+    A round of ``g`` drafts costs ``g * draft + verify(g+1)`` and commits ``tokens_per_round``
+    tokens per row; dense decoding commits one per step at the fastest baseline's cost. Step costs
+    are those of the rounds in which the whole batch was decoding (this setting's batch size; once
+    rows stop, the engine drops them and later rounds cost less). ``g`` is the mean draft length
+    over those rounds (dense rounds of ``gamma="auto"`` count as 0). ``limit`` assumes every draft is
+    accepted.
     """
     st = row.stats
-    rounds = st["rounds"]
-    if not rounds or not st["drafted"]:
+    log = [r for r in st.get("round_log") or [] if r[0] == st["batch_size"]]
+    if not log or not st["drafted"]:
         return
-    rows_active = max(1, st["batch_size"])
-    drafted_steps = st["drafted"] / rows_active  # draft forward passes (all rows at once)
-    g = drafted_steps / rounds  # mean draft length per round
-    draft_ms = 1000 * st["time_draft"] / max(1e-9, drafted_steps)
-    verify_ms = 1000 * st["time_verify"] / rounds
+    draft_steps = sum(r[1] for r in log)
+    if not draft_steps:
+        return
+    g = draft_steps / len(log)
+    draft_ms = 1000 * sum(r[2] for r in log) / draft_steps
+    verify_ms = 1000 * sum(r[3] for r in log) / len(log)
     round_ms = g * draft_ms + verify_ms
     row.limit = (g + 1) * fastest_ms / round_ms
     row.expected = st["mean_accepted_per_round"] * fastest_ms / round_ms
