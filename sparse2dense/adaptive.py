@@ -105,7 +105,7 @@ class GammaController:
 
     drafters: tuple[str, ...] = ("model",)
     max_gamma: int = MAX_AUTO_GAMMA
-    first_gamma: int = 4
+    first_gamma: int = 2  # a drafter's first (measuring) round: short, as it may not pay
     first_dense_rounds: int = 2  # the dense step's cost is their minimum (the first step runs cold)
     decay: float = 0.9
     probe_every: int = 16
@@ -234,13 +234,17 @@ class GammaController:
             # likes best) until the evidence settles it either way.
             best = short
         if best[1] == 0:
-            # Dense is best for now; re-probe a short draft now and then, backing off each time.
+            # Dense is best for now; re-probe a short draft now and then, backing off each time, with
+            # the cheapest drafter that would pay clearly if its drafts were all accepted (one whose
+            # steps cost about as much as dense ones never can, whatever the text does).
             self._since_probe += 1
             if self._since_probe >= self.probe_every + self._probe_gap:
                 self._since_probe = 0
                 self._probe_gap = min(4 * self.probe_every, self._probe_gap + self.probe_every)
-                fastest = min(range(len(self._arms)), key=lambda i: self._arms[i].c_draft.value)
-                return fastest, min(2, limit)
+                g = min(2, limit)
+                worth = [i for i in range(len(self._arms)) if (self.perfect_speedup(g, i) or 0.0) > self.hope_margin]
+                if worth:
+                    return min(worth, key=lambda i: self._arms[i].c_draft.value), g
             return 0, 0
         self._since_probe = 0
         self._probe_gap = 0

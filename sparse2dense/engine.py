@@ -203,6 +203,9 @@ class _Run:
         self.full_batch = self.batch
         self._full: dict | None = None
         self._slot_rows: torch.Tensor | None = None  # original row in each buffer slot, once moved
+        # After snapshot(), stopped rows' K/V swap places with the rows that take their slots, so that
+        # restore() can put every prompt back; otherwise a live row's K/V is just copied over.
+        self.keep_stopped_rows = False
         # Rows are only dropped where nothing sees the batch as a whole: logits processors may
         # address rows by index, and sampling draws random numbers for every row of the batch.
         self.can_compact = self.processors is None and not do_sample
@@ -230,8 +233,12 @@ class _Run:
         # gamma="auto" also measures the model's own weights, and uses the faster per round, where
         # the copy may not pay: float copies (bf16 products at batch 1 are slower than fp32 on CPUs
         # measured so far) and int4 (lower acceptance). int8 drafted as well as fp32 and cost less
-        # at every batch size auto picks it for, so probing fp32 would only cost rounds.
-        return own + low if cfg.auto_gamma and name != "int8" else low
+        # at every batch size auto picks it for, so probing fp32 would only cost rounds. Nor is the
+        # model's own drafter probed where it would keep every prompt entry (it would be the dense
+        # model, at a dense step's cost).
+        if cfg.auto_gamma and name != "int8" and not self.fits_budget():
+            return own + low
+        return low
 
     def _auto_precision(self, model, dtype) -> torch.dtype | str | None:
         """``draft_dtype="auto"``: the cheaper drafter weights this model, device and batch can use.
@@ -415,12 +422,16 @@ class _Run:
         n_keep, n_cand = self.keep.sum(dim=1).tolist(), self.candidates.sum(dim=1).tolist()
         return max(auto_budget(k, c, self.batch) for k, c in zip(n_keep, n_cand))
 
+    def fits_budget(self) -> bool:
+        """Whether every row's whole prompt fits the drafter budget (the drafter would drop nothing)."""
+        return bool((self.keep.sum(dim=1) + self.candidates.sum(dim=1) <= self.budget).all())
+
     def drop_dense_drafter(self) -> bool:
         """Drop the drafter when it would be the dense model itself (every drafter uses the model's
         weights and every row's prompt fits the budget); says why in ``no_drafter_reason``."""
         if not all(d is self.model for _, d in self.drafters):
             return False
-        if not bool((self.keep.sum(dim=1) + self.candidates.sum(dim=1) <= self.budget).all()):
+        if not self.fits_budget():
             return False
         self.selection = None
         self.no_drafter_reason = (
@@ -585,6 +596,7 @@ class _Run:
     def snapshot(self) -> dict:
         """State right after prefill; :meth:`restore` rewinds to it (the prompt's K/V are never
         overwritten by decoding, so a second decode from the same prefill is exact)."""
+        self.keep_stopped_rows = True
         return {
             "seq": self.seq.clone(), "n_gen": self.n_gen.clone(), "dense_len": self.dense_len.clone(),
             "draft_len": self.draft_len.clone(), "active": self.active.clone(), "last": self.last.clone(),
@@ -602,7 +614,7 @@ class _Run:
         A batch decodes until its slowest row is done; without this, every pass keeps reading the
         weights, K/V and attention of rows that finished rounds ago. Live rows keep their buffer
         slots where they can; a live row from the back takes the slot of a stopped row in front
-        (their K/V swap, so nothing is lost and :meth:`restore` can put every row back).
+        (after :meth:`snapshot` their K/V swap, so :meth:`restore` can put every row back).
         """
         if not self.can_compact:
             return
@@ -635,10 +647,11 @@ class _Run:
         dense = self._full["dense"]
         draft = self._full["selection"][0] if self.selection is not None else None
         draft_used = self.selection.base + int(self.draft_len.max()) if draft is not None else 0
+        swap = self.keep_stopped_rows
         for hole, mover in zip(holes, movers):
-            _swap_rows(dense, hole, mover, used)
+            _move_row(dense, hole, mover, used, swap)
             if draft is not None:
-                _swap_rows(draft, hole, mover, draft_used)
+                _move_row(draft, hole, mover, draft_used, swap)
             self._slot_rows[[hole, mover]] = self._slot_rows[[mover, hole]]
         for name in self._ROW_STATE:
             value = getattr(self, name)
@@ -914,12 +927,14 @@ class _Run:
         return StdOutput(sequences, s)
 
 
-def _swap_rows(buf: KVBuffer, a: int, b: int, cols: int) -> None:
-    """Swap batch rows ``a`` and ``b`` of ``buf`` over columns ``[0, cols)``."""
+def _move_row(buf: KVBuffer, dst: int, src: int, cols: int, swap: bool) -> None:
+    """Copy batch row ``src`` of ``buf`` into row ``dst`` over columns ``[0, cols)``; with ``swap``,
+    row ``dst``'s old contents go to row ``src`` (three times the memory traffic of a copy)."""
     for t in (buf.k, buf.v):
-        tmp = t[:, a, :, :cols].clone()
-        t[:, a, :, :cols] = t[:, b, :, :cols]
-        t[:, b, :, :cols] = tmp
+        old = t[:, dst, :, :cols].clone() if swap else None
+        t[:, dst, :, :cols] = t[:, src, :, :cols]
+        if swap:
+            t[:, src, :, :cols] = old
 
 
 def generate(

@@ -84,7 +84,7 @@ def test_control_without_the_kv_moves_fails(llama, monkeypatch):
     ref = hf_greedy(llama, ids, mask, 24, eos_token_id=eos)
     out = generate(llama, ids, mask, 24, config, eos_token_id=eos)
     assert torch.equal(out.sequences, ref) and out.stats.compactions > 0
-    monkeypatch.setattr(sparse2dense.engine, "_swap_rows", lambda *a: None)
+    monkeypatch.setattr(sparse2dense.engine, "_move_row", lambda *a: None)
     broken = generate(llama, ids, mask, 24, config, eos_token_id=eos)
     assert not torch.equal(broken.sequences, ref)
 

@@ -193,7 +193,7 @@ class Bench:
         elif method in _AUTO_DTYPE:
             cfg = replace(cfg, gamma=AUTO, budget=AUTO, draft_dtype=_AUTO_DTYPE[method])
             gamma = AUTO
-            budget = run.auto_budget()
+            budget = run.budget = run.auto_budget()
             run.cfg = cfg
             run.stats.draft_weights_mb = 0.0
             drafters = run._drafters(model, next(model.parameters()).dtype)  # as generate() picks them
