@@ -456,7 +456,9 @@ class _Run:
         tok = self.last
         drafts: list[torch.Tensor] = []
         q: list[torch.Tensor] = []
-        uniform = b == 1
+        # One row whose selection fills every column before the generated region (always so for a
+        # batch of 1; a row left alone by batch compaction may have a gap) reads its span unmasked.
+        uniform = b == 1 and int(sel.n_selected[0]) == sel.base
         for i in range(g):
             col = sel.base + self.draft_len + i  # [B]
             span = int(col.max()) + 1
