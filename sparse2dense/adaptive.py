@@ -192,12 +192,11 @@ class GammaController:
     def expected_speedup(self, g: int, arm: int = 0, optimistic: bool = False) -> float | None:
         """Committed tokens per second with ``g`` drafts from ``arm``, relative to dense decoding
         (at the acceptance estimate, or its optimistic bound with ``optimistic``)."""
-        c1, cd = self._c1.value, self._arms[arm].c_draft.value
-        if c1 is None or cd is None:
+        c1, cost = self._c1.value, self.round_cost(arm, g)
+        if c1 is None or cost is None:
             return None
         if g == 0:
             return 1.0
-        cost = g * cd + self.verify_cost(g + 1)
         a = self._arms[arm]
         return expected_tokens(a.alpha_upper if optimistic else a.alpha, g) * c1 / cost
 

@@ -200,7 +200,6 @@ class _Run:
         # Batch compaction (see _maybe_compact): current row i holds original row row_ids[i] and
         # sits in slot i of both KV buffers; the full-batch tensors wait in _full meanwhile.
         self.row_ids = torch.arange(self.batch)
-        self.full_batch = self.batch
         self._full: dict | None = None
         self._slot_rows: torch.Tensor | None = None  # original row in each buffer slot, once moved
         # After snapshot(), stopped rows' K/V swap places with the rows that take their slots, so that
@@ -699,7 +698,7 @@ class _Run:
         if "selection" in self._full:
             sel = self.selection
             sel.buffer, sel.n_selected, sel.n_candidates, sel.scores = self._full["selection"]
-        self.batch = self.full_batch
+        self.batch = len(self._full["row_ids"])
         self.no_pad = bool((self.pad == 0).all())
         self.reselect_queries = None
         self._full = None

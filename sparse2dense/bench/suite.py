@@ -281,8 +281,6 @@ def _cost_model(row: MethodRow, dense: MethodRow, fastest_ms: float) -> None:
     """
     st = row.stats
     log = [r for r in st.get("round_log") or [] if r[0] == st["batch_size"]]
-    if not log or not st["drafted"]:
-        return
     draft_steps = sum(r[1] for r in log)
     if not draft_steps:
         return
