@@ -52,7 +52,9 @@ class StdConfig:
 
     Attributes:
         budget: prompt KV entries the drafter attends to, per layer and KV head, or ``"auto"``
-            (chosen from the prompt length, see :func:`sparse2dense.adaptive.auto_budget`).
+            (chosen from the prompt length, see :func:`sparse2dense.adaptive.auto_budget`; with
+            ``gamma="auto"``, smaller budgets read from the same selection are measured too, see
+            :func:`sparse2dense.adaptive.budget_variants`).
         gamma: draft tokens per round (0 means plain dense decoding), or ``"auto"``: each round's
             draft length is chosen from measured step costs and the acceptance seen so far, and
             speculation switches itself off when it cannot pay (see :mod:`sparse2dense.adaptive`).

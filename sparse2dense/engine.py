@@ -23,7 +23,7 @@ import torch
 
 from .acceptance import greedy_accept, speculative_sample
 from .adapters import Adapter, get_adapter
-from .adaptive import GammaController, auto_budget
+from .adaptive import GammaController, auto_budget, budget_variants
 from .attention import attention_routed
 from .config import AUTO, StdConfig
 from .drafter import copy_size_estimate, fast_bf16, free_memory_bytes, make_drafter
@@ -196,6 +196,10 @@ class _Run:
         self.draft_at = [0] * self.max_gamma
         self.row_rounds = 0  # (row, round) pairs in which the row was still generating
         self.reselect_queries: torch.Tensor | None = None  # [L, B, Hq, 1, D] when re-selecting
+        # gamma="auto": the drafters it chooses from, as (name, module, candidates read or None for the
+        # whole selection, index of the same weights' whole-selection arm or None); see _auto_arms.
+        self.arms: list[tuple[str, Any, int | None, int | None]] = []
+        self.draft_lo: torch.Tensor | None = None  # [B] first draft column this round (None: whole selection)
         self.no_drafter_reason = ""
         # Batch compaction (see _maybe_compact): current row i holds original row row_ids[i] and
         # sits in slot i of both KV buffers; the full-batch tensors wait in _full meanwhile.
@@ -287,11 +291,11 @@ class _Run:
             )
         return out.logits.float()
 
-    def _masks(self, lo, q_cols, span, hole=None):
-        mask = build_mask(lo, q_cols, span, hole=hole)
+    def _masks(self, lo, q_cols, span):
+        mask = build_mask(lo, q_cols, span)
         sliding = None
         if self.window is not None and self.window < span:
-            sliding = build_mask(lo, q_cols, span, hole=hole, window=self.window)
+            sliding = build_mask(lo, q_cols, span, window=self.window)
         return mask, sliding
 
     def prefill(self) -> None:
@@ -455,9 +459,11 @@ class _Run:
         tok = self.last
         drafts: list[torch.Tensor] = []
         q: list[torch.Tensor] = []
-        # One row whose selection fills every column before the generated region (always so for a
-        # batch of 1; a row left alone by batch compaction may have a gap) reads its span unmasked.
-        uniform = b == 1 and int(sel.n_selected[0]) == sel.base
+        # Row r reads its selected entries from column lo[r] on (see Selection) and then its
+        # generated region; the pass reads from the smallest lo. A single row reads unmasked.
+        lo = self.draft_lo if self.draft_lo is not None else sel.first_column()
+        start = int(lo.min())
+        uniform = b == 1
         for i in range(g):
             col = sel.base + self.draft_len + i  # [B]
             span = int(col.max()) + 1
@@ -465,12 +471,12 @@ class _Run:
                 mask = None
                 write_int = int(col[0])
             else:
-                mask = build_mask(torch.zeros_like(col), col.unsqueeze(1), span, hole=(sel.n_selected, sel.base))
+                mask = build_mask(lo - start, (col - start).unsqueeze(1), span - start)
                 write_int = None
             # The drafter ignores sliding windows (its columns are not positions); it only proposes.
             plan = ForwardPlan(
                 buffer=sel.buffer, write_col=None if uniform else col, write_col_int=write_int, q_len=1, span=span,
-                mask=mask, window=self.window,
+                mask=mask, window=self.window, start=start,
             )
             positions = (self.dense_len - self.pad + i).unsqueeze(1)
             logits = self._forward(plan, tok.unsqueeze(1), positions, False, model=self.drafter)
@@ -742,8 +748,11 @@ class _Run:
         t_start = time.perf_counter()
         gamma = self.cfg.gamma if gamma is None else gamma
         self.controller = None
+        self.draft_lo = None
         if gamma == "auto":
-            self.controller = GammaController(drafters=tuple(n for n, _ in self.drafters), max_gamma=self.max_gamma)
+            self.arms = self._auto_arms()
+            self.controller = GammaController(drafters=tuple(a[0] for a in self.arms),
+                                              parents=tuple(a[3] for a in self.arms), max_gamma=self.max_gamma)
             self.stats.gamma_mode = "auto"
             if self.selection is None:
                 self.controller.speculate = False
@@ -784,6 +793,26 @@ class _Run:
         elif gamma == 0:
             self.stats.speculation = "off"
 
+    def _auto_arms(self) -> list[tuple[str, Any, int | None, int | None]]:
+        """The drafters ``gamma="auto"`` chooses from: each drafter reading the whole selection and,
+        with ``budget="auto"``, reading only its best entries (:func:`~sparse2dense.adaptive.budget_variants`).
+
+        A smaller budget costs no second selection: the selection is laid out best-last, so reading
+        fewer entries is starting at a later column. A variant is named ``"<drafter>@<entries>"``.
+        """
+        arms = [(name, module, None, None) for name, module in self.drafters]
+        sel = self.selection
+        if sel is None or self.cfg.budget != AUTO:
+            return arms
+        n_keep = self.keep.sum(dim=1).to(sel.n_selected.device)
+        for cands in budget_variants(self.batch):
+            reads = torch.minimum(sel.n_selected, n_keep + cands)
+            if bool((reads == sel.n_selected).all()):
+                continue  # the selection holds no more than this
+            for parent, (name, module) in enumerate(self.drafters):
+                arms.append((f"{name}@{int(reads.max())}", module, cands, parent))
+        return arms
+
     def _rounds(self, gamma: int, until_all_done: bool = False) -> None:
         """Draft -> verify -> accept -> commit until every row has finished."""
         ctl = self.controller
@@ -792,7 +821,11 @@ class _Run:
             arm = 0
             if ctl is not None:
                 arm, g = ctl.next_round(room)
-                self.drafter = self.drafters[arm][1]
+                _, self.drafter, cands, _ = self.arms[arm]
+                if g > 0 and cands is not None:
+                    self.draft_lo = self.selection.first_column(self.keep.sum(dim=1), cands)
+                else:
+                    self.draft_lo = None
             else:
                 g = max(0, min(gamma, room - 1))  # drafts beyond the last allowed token are wasted
             n_batch = self.batch

@@ -7,8 +7,9 @@ Two buffers live side by side during a generation:
   column ``c`` of row ``b`` is at RoPE position ``c - pad_b``. Committing or rolling back a round is
   moving ``length_b``: rejected drafts stay in the buffer and are overwritten by the next round.
 * the **draft** buffer ``[layers, batch, kv_heads, n_selected + new + gamma + 2, head_dim]`` holds the
-  selected prompt entries in columns ``[0, n_selected_b)`` (different per layer and KV head) and,
-  from column ``n_selected_max``, the dense K/V of every committed token.
+  selected prompt entries (different per layer and KV head) in the columns just before
+  ``base = n_selected_max``, the best ones last, and from column ``base`` the dense K/V of every
+  committed token. A draft pass may start reading at a later column to read fewer, better entries.
 
 A transformers model writes K/V through ``Cache.update``; :class:`BufferCache` routes that write to
 the buffer chosen by the active :class:`ForwardPlan`, and the attention function registered in
@@ -54,15 +55,17 @@ class ForwardPlan:
         write_col: first column written, per row: LongTensor ``[batch]``; ``write_col_int`` is set
             instead (and used on the fast path) when every row writes at the same column.
         q_len: query tokens per row in this pass (T).
-        span: columns ``[0, span)`` that attention reads; covers every row's last query column.
-        mask: additive float mask ``[batch, 1, 1, T, span]`` (0 or -inf), or None when every query
-            may read every column of the span causally (batch 1, no padding, no gaps).
+        span: columns ``[start, span)`` are what attention reads; covers every row's last query column.
+        mask: additive float mask ``[batch, 1, 1, T, span - start]`` (0 or -inf) over those columns,
+            or None when every query may read every one of them causally (batch 1, no padding).
         mask_sliding: the same for sliding-window layers; None when ``window`` is None or the window
             covers the whole span (then ``mask`` serves both).
         window: the model's sliding-window size, or None.
         prefill: True for prompt passes: attention uses SDPA (long query blocks).
         sdpa_causal: prefill fast path: no padding and the block starts at column 0.
         capture: optional prefill hook that receives ``(layer_idx, query [B, Hq, T, D])``.
+        start: first column attention reads (draft passes reading a smaller budget); write columns
+            stay absolute.
     """
 
     buffer: KVBuffer
@@ -76,6 +79,7 @@ class ForwardPlan:
     prefill: bool = False
     sdpa_causal: bool = False
     capture: object | None = None
+    start: int = 0
     _write_idx: tuple | None = field(default=None)
     _tail: object = field(default=None)  # batch-1 causal tail of ``mask`` (False: not applicable)
     _grouped: tuple | None = field(default=None)  # (mask, group, mask in the grouped-query layout)
@@ -84,10 +88,11 @@ class ForwardPlan:
         """At batch 1: the mask's last ``T`` columns ``[T, T]`` when every earlier column is open."""
         if self._tail is None:
             self._tail = False
-            if self.mask is not None and self.mask.shape[0] == 1 and self.span > self.q_len:
+            width = self.span - self.start
+            if self.mask is not None and self.mask.shape[0] == 1 and width > self.q_len:
                 m = self.mask[0, 0, 0]
-                if bool(torch.isfinite(m[:, : self.span - self.q_len]).all()):
-                    self._tail = m[:, self.span - self.q_len :]
+                if bool(torch.isfinite(m[:, : width - self.q_len]).all()):
+                    self._tail = m[:, width - self.q_len :]
         return None if self._tail is False else self._tail
 
     def grouped_mask(self, mask: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
@@ -100,7 +105,7 @@ class ForwardPlan:
         return self._grouped[2]
 
     def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``key``/``value`` ``[B, Hkv, T, D]`` and return the readable span ``[B, Hkv, span, D]``."""
+        """Store ``key``/``value`` ``[B, Hkv, T, D]`` and return the readable columns ``[B, Hkv, span - start, D]``."""
         k_layer = self.buffer.k[layer_idx]
         v_layer = self.buffer.v[layer_idx]
         if key.dtype != k_layer.dtype:  # a lower-precision drafter writing the model-precision cache
@@ -119,7 +124,7 @@ class ForwardPlan:
             # Advanced indices split by a slice put the indexed dims first: [B, T, Hkv, D].
             k_layer[rows, :, cols] = key.transpose(1, 2)
             v_layer[rows, :, cols] = value.transpose(1, 2)
-        return k_layer[:, :, : self.span], v_layer[:, :, : self.span]
+        return k_layer[:, :, self.start : self.span], v_layer[:, :, self.start : self.span]
 
 
 _ACTIVE_PLAN: contextvars.ContextVar[ForwardPlan | None] = contextvars.ContextVar("sparse2dense_plan", default=None)
@@ -187,23 +192,19 @@ def build_mask(
     lo: torch.Tensor,
     q_cols: torch.Tensor,
     span: int,
-    hole: tuple[torch.Tensor, int] | None = None,
     window: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Additive attention mask for a block of queries over cached columns.
 
     Query ``i`` of row ``b`` sits at column ``q_cols[b, i]`` and may read column ``j`` when
-    ``lo[b] <= j <= q_cols[b, i]``, ``j`` is not in the gap ``[hole_start[b], hole_end)``, and (for
-    sliding-window layers) ``q_cols[b, i] - j < window``. A query may always read itself, so padding
+    ``lo[b] <= j <= q_cols[b, i]`` and (for sliding-window layers) ``q_cols[b, i] - j < window``. A query may always read itself, so padding
     queries never see an empty row (which would turn into NaN).
 
     Args:
         lo: LongTensor ``[B]``: first readable column per row.
         q_cols: LongTensor ``[B, T]``: the column of each query.
         span: number of columns the attention reads.
-        hole: optional ``(hole_start [B], hole_end)``: unused columns between the selected prompt
-            entries and the generated region of the draft buffer.
         window: sliding-window size, or None.
 
     Returns:
@@ -212,9 +213,6 @@ def build_mask(
     j = torch.arange(span, device=q_cols.device)
     qc = q_cols.unsqueeze(-1)  # [B, T, 1]
     allowed = (j >= lo.view(-1, 1, 1)) & (j <= qc)
-    if hole is not None:
-        hole_start, hole_end = hole
-        allowed &= ~((j >= hole_start.view(-1, 1, 1)) & (j < hole_end))
     if window is not None:
         allowed &= (qc - j) < window
     allowed |= j == qc

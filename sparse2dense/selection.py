@@ -112,8 +112,10 @@ class Selection:
     """Result of building the draft cache.
 
     Attributes:
-        buffer: the draft KV buffer; columns ``[0, n_selected[b])`` hold row b's selected prompt
-            entries, columns from ``base`` the committed generated tokens.
+        buffer: the draft KV buffer; columns ``[base - n_selected[b], base)`` hold row b's selected
+            prompt entries in ascending score (kept tokens last, next to the generated region),
+            columns from ``base`` the committed generated tokens. A smaller budget is then a later
+            first column: ``[base - n, base)`` are the ``n`` best entries (see :meth:`first_column`).
         n_selected: LongTensor ``[B]``: prompt entries kept per row (same for every layer and head).
         base: first column of the generated region (``max(n_selected)``).
         n_candidates: LongTensor ``[B]``: droppable prompt tokens per row.
@@ -126,6 +128,14 @@ class Selection:
     n_candidates: torch.Tensor
     scores: torch.Tensor | None = None
 
+    def first_column(self, n_keep: torch.Tensor | None = None, n_candidates: int | None = None) -> torch.Tensor:
+        """Each row's first readable column when the drafter reads its ``n_keep`` ``[B]`` kept tokens and
+        at most ``n_candidates`` of its best candidates (None: the whole selection). LongTensor ``[B]``."""
+        n = self.n_selected
+        if n_candidates is not None and n_keep is not None:
+            n = torch.minimum(n, n_keep + n_candidates)
+        return self.base - n
+
 
 def gather_selection(dense: KVBuffer, sel: Selection, layer: int, score: torch.Tensor,
                      candidates: torch.Tensor, keep: torch.Tensor) -> None:
@@ -133,16 +143,16 @@ def gather_selection(dense: KVBuffer, sel: Selection, layer: int, score: torch.T
 
     Args:
         score: float ``[B, Hkv, P]``: higher is better; only candidates compete, kept tokens always
-            come first. The generated region of the draft buffer is left untouched.
+            win. The generated region of the draft buffer is left untouched.
     """
     d = dense.k.shape[-1]
     p = score.shape[-1]
     score = score.clone()
     score.masked_fill_(~candidates[:, :p].unsqueeze(1), float("-inf"))
     score.masked_fill_(keep[:, :p].unsqueeze(1), float("inf"))
-    # Descending order puts kept entries first, then the best candidates; the first n_sel[b]
-    # entries of row b are its selection, anything after is padding masked out by the drafter.
-    idx = score.topk(sel.base, dim=-1, sorted=True).indices  # [B, Hkv, base]
+    # Ascending order: row b's n_sel[b] selected entries end at column base, the best candidates
+    # and then the kept entries last; the columns before them are padding the drafter never reads.
+    idx = score.topk(sel.base, dim=-1, sorted=True).indices.flip(-1)  # [B, Hkv, base]
     gather_idx = idx.unsqueeze(-1).expand(-1, -1, -1, d)
     sel.buffer.k[layer][:, :, : sel.base] = dense.k[layer].gather(2, gather_idx)
     sel.buffer.v[layer][:, :, : sel.base] = dense.v[layer].gather(2, gather_idx)

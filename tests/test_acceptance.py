@@ -83,7 +83,7 @@ def test_greedy_accept_rejects_bad_shapes(draft_shape, target_shape):
 
 
 # ------------------------------------------------------------------------------------ build_mask
-def reference_mask(lo, q_cols, span, hole=None, window=None):
+def reference_mask(lo, q_cols, span, window=None):
     b, t = q_cols.shape
     out = torch.full((b, 1, 1, t, span), NEG_INF)
     for row in range(b):
@@ -91,8 +91,6 @@ def reference_mask(lo, q_cols, span, hole=None, window=None):
             q = int(q_cols[row, i])
             for j in range(span):
                 ok = int(lo[row]) <= j <= q
-                if hole is not None and int(hole[0][row]) <= j < hole[1]:
-                    ok = False
                 if window is not None and q - j >= window:
                     ok = False
                 if j == q:
@@ -124,14 +122,6 @@ def test_build_mask_hides_left_padding_per_row():
     assert a[1, 0].tolist() == [True] * 6 + [False]
 
 
-def test_build_mask_hole_is_hidden():
-    # draft buffer: selected entries [0, n_sel_b), unused [n_sel_b, base=5), generated from 5
-    mask = build_mask(torch.tensor([0, 0]), torch.tensor([[6], [6]]), 7, hole=(torch.tensor([3, 5]), 5))
-    a = allowed(mask)[:, 0, 0, 0]
-    assert a[0].tolist() == [True, True, True, False, False, True, True]
-    assert a[1].tolist() == [True] * 7
-
-
 def test_build_mask_sliding_window():
     t = 8
     mask = build_mask(torch.tensor([0]), torch.arange(t).unsqueeze(0), t, window=3)
@@ -146,8 +136,8 @@ def test_build_mask_query_always_sees_itself():
     a = allowed(mask)[0, 0, 0]
     assert a[0].tolist() == [False, True, False, False, False]
     assert a[1].tolist() == [False, False, False, False, True]
-    # and inside a hole, and outside a window
-    mask = build_mask(torch.tensor([0]), torch.tensor([[3]]), 5, hole=(torch.tensor([2]), 4), window=1)
+    # and below its row's first column, and outside a window
+    mask = build_mask(torch.tensor([4]), torch.tensor([[3]]), 5, window=1)
     assert allowed(mask)[0, 0, 0, 0].tolist() == [False, False, False, True, False]
     assert not torch.isnan(torch.softmax(mask, dim=-1)).any()
 
@@ -161,13 +151,9 @@ def test_build_mask_matches_reference_on_random_inputs():
         lo = torch.randint(0, span, (b,), generator=gen)
         start = torch.randint(0, span - t + 1, (b,), generator=gen)
         q_cols = start.unsqueeze(1) + torch.arange(t)
-        hole = None
-        if bool(torch.rand(1, generator=gen) < 0.5):
-            hole_end = int(torch.randint(0, span, (1,), generator=gen))
-            hole = (torch.randint(0, hole_end + 1, (b,), generator=gen), hole_end)
         window = int(torch.randint(1, 6, (1,), generator=gen)) if bool(torch.rand(1, generator=gen) < 0.5) else None
-        got = build_mask(lo, q_cols, span, hole=hole, window=window)
-        assert torch.equal(got, reference_mask(lo, q_cols, span, hole=hole, window=window)), (lo, q_cols, hole, window)
+        got = build_mask(lo, q_cols, span, window=window)
+        assert torch.equal(got, reference_mask(lo, q_cols, span, window=window)), (lo, q_cols, window)
 
 
 # ------------------------------------------------------------------------------------ StdConfig

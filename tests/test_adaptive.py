@@ -133,6 +133,68 @@ def test_one_prefill_serves_several_policies(llama):
             assert torch.equal(got, alone.selection.buffer.k[:, :, :, : alone.selection.base]), policy
 
 
+# --------------------------------------------------------------------------------- smaller budgets
+@pytest.mark.parametrize("lens", [[300], [300, 220], [260, 90, 310]])
+def test_reading_fewer_entries_of_a_selection_is_that_budget(llama, lens):
+    """The selection is laid out best-last, so a drafter that starts reading at a later column reads
+    exactly what a selection made with the smaller budget holds: it drafts the same tokens."""
+    ids, mask = make_batch(torch.Generator().manual_seed(sum(lens)), lens)
+    drafts, differs = {}, False
+    for budget in (72, 200):
+        run = _Run(llama, get_adapter(llama), cfg(budget, 8), ids, mask, 12, [], PAD_ID, None, None, None, None,
+                   {}, None)
+        with torch.inference_mode(), attention_routed(llama):
+            run.prefill()
+            run.select()
+            drafts[budget] = run._draft(8)[0]
+            if budget == 200:
+                n_keep = run.keep.sum(dim=1)
+                assert bool((n_keep == n_keep[0]).all())
+                run.draft_lo = run.selection.first_column(n_keep, 72 - int(n_keep[0]))
+                fewer = run._draft(8)[0]
+    assert torch.equal(fewer, drafts[72])
+    differs = not torch.equal(drafts[200], drafts[72])
+    assert differs or len(lens) > 1  # the control: the whole selection drafts otherwise (one row suffices)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_auto_budget_variants_are_lossless(tiny_model, arch, monkeypatch):
+    """budget="auto" with gamma="auto" also drafts from the best part of the selection; every such
+    drafter is measured here (whatever the timings say) and the output stays the model's own."""
+    model = tiny_model(arch)
+    monkeypatch.setattr("sparse2dense.engine.budget_variants", lambda batch: (40, 8))
+    monkeypatch.setattr(GammaController, "_worth_measuring", lambda self, arm: True)
+    gen = torch.Generator().manual_seed(11)
+    for lens in ([300], [280, 120, 300], [200, 190]):
+        ids, mask = make_batch(gen, lens)
+        out = check_parity(model, ids, mask, 30, StdConfig(budget="auto", gamma="auto", draft_dtype=torch.bfloat16),
+                           both=len(lens) == 1)
+        per = out.stats.auto["rounds_per_drafter"]
+        variants = [name for name in per if "@" in name]
+        assert variants and all(per[name] > 0 for name in variants), per
+
+
+def test_controller_measures_a_smaller_budget_only_where_its_weights_could_pay():
+    rng = random.Random(12)
+    cheap = GammaController(drafters=("int8", "int8@324"), parents=(None, 0))
+    chosen = _feed(cheap, c1=1.0, c_draft=0.0, verify_slope=0.05, alpha=0.95, rounds=60, rng=rng, arm_costs=(0.5, 0.3))
+    late = [a for a, g in chosen[10:] if g > 0]
+    assert late and sum(a == 1 for a in late) > 0.9 * len(late)  # the cheaper reads win
+    costly = GammaController(drafters=("bfloat16", "bfloat16@324"), parents=(None, 0))
+    chosen = _feed(costly, c1=1.0, c_draft=0.0, verify_slope=0.05, alpha=0.95, rounds=60, rng=rng,
+                   arm_costs=(1.2, 1.0))
+    assert all(a == 0 for a, _ in chosen)  # weights that cannot pay at any budget: not measured again
+    assert costly.summary()["draft_step_ms"]["bfloat16@324"] is None
+    # Of two weights that pay, only the cheaper one's smaller budget is measured, and its measuring
+    # round drafts as long as the model expects its weights to pay at the full budget.
+    two = GammaController(drafters=("float32", "bfloat16", "float32@324", "bfloat16@324"), parents=(None, None, 0, 1))
+    chosen = _feed(two, c1=1.0, c_draft=0.0, verify_slope=0.02, alpha=0.97, rounds=60, rng=rng,
+                   arm_costs=(0.3, 0.45, 0.2, 0.35))
+    assert 3 not in {a for a, _ in chosen}
+    first_small = next(g for a, g in chosen if a == 2)
+    assert first_small > 2  # a plain measuring round drafts 2
+
+
 # --------------------------------------------------------------------------------- sparse-only (lossy)
 def test_sparse_only_is_the_drafter_alone(llama):
     """With the whole prompt in budget the drafter is the dense model: sparse-only == dense; with a

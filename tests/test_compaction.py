@@ -77,10 +77,10 @@ def test_rows_reaching_max_new_tokens_rounds_apart(llama):
 
 
 def test_a_row_left_alone_drafts_as_it_did_in_the_batch(llama, monkeypatch):
-    """Rows keep different numbers of prompt entries (short prompts fit the budget), so the draft
-    buffer has a gap between a short row's selection and the generated region. When such a row is
-    left alone, its drafts must still skip the gap: every round accepts exactly what it accepts
-    when no row is dropped."""
+    """Rows keep different numbers of prompt entries (short prompts fit the budget), so a short
+    row's selection starts at a later column of the draft buffer than the longest row's. When such a
+    row is left alone, its drafts must still start there (a single row reads unmasked): every round
+    accepts exactly what it accepts when no row is dropped."""
     checked = 0
     for seed, lens in ((5, [300, 40]), (6, [260, 30, 45]), (7, [200, 50])):
         ids, mask, eos = eos_case(llama, seed, lens, at=2)
