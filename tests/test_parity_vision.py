@@ -641,6 +641,25 @@ def test_idefics3_without_pixel_attention_mask():
         assert assert_selection(stats, inputs, budget) == [True]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_auto_reads_smaller_budgets_of_the_visual_selection(family, monkeypatch):
+    """gamma="auto", budget="auto": the drafter also reads only the best few visual entries (forced
+    small here so the tiny videos have more; every such drafter is measured whatever the timings),
+    in a batch whose rows hold different numbers of text (and, for Qwen-VL, visual) tokens. Output
+    stays the model's own."""
+    from sparse2dense.adaptive import GammaController
+
+    monkeypatch.setattr("sparse2dense.engine.budget_variants", lambda batch: (6, 2))
+    monkeypatch.setattr(GammaController, "_worth_measuring", lambda self, arm: True)
+    gen = torch.Generator().manual_seed(GEN_SEED + 15)
+    size = 1 if family in QWEN else 0  # LLaVA batches videos of one length
+    inputs = collate(family, [video_rows(family, gen), video_rows(family, gen, pre=9, size=size)])
+    stats = check_parity(family, inputs, "direct", "auto", "auto", max_new=30,
+                         config_kw=dict(draft_dtype=torch.bfloat16))
+    per = stats.auto["rounds_per_drafter"]
+    assert [n for n in per if "@" in n] and all(per[n] > 0 for n in per if "@" in n), per
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
 def test_larger_video_default_config(family):
     """A longer video (256 visual tokens) and 64 new tokens with the library's default settings."""
