@@ -25,11 +25,11 @@ test: $(BIN)/sparse2dense
 test-fast: $(BIN)/sparse2dense
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The README's results: every method side by side over context lengths at batch 1 (about 10 min on
+# The README's results: every method side by side over context lengths at batch 1 (about 30 min on
 # a 2-core CPU). Other sweeps: see `sparse2dense bench --help` and the README.
 bench: $(BIN)/sparse2dense
 	$(BIN)/sparse2dense bench --sweep context --contexts 1000,2000,4000,8000 --batch 1 \
-	    --budget 1024 --gamma 6 --repeats 2 --max-new-tokens 48 --out bench-out/context
+	    --budget 1024 --gamma 6 --repeats 3 --max-new-tokens 48 --out bench-out/context
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

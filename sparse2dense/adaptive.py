@@ -10,7 +10,10 @@ dense. The first two rounds are dense and the cheaper of them is the dense cost 
 after prefill runs cold). While ``a`` rests on few rounds, speculation continues as long as its
 optimistic bound (one standard error up) says drafting could pay, and perfect acceptance would pay
 clearly, so early bad luck does not end speculation that would; dense rounds occasionally re-probe
-a short draft so a drafter that starts to pay is noticed. When rows finish and leave a batch, the
+a short draft so a drafter that starts to pay is noticed. A drafter's first measurement is taken
+again, once, when one of its passes stalled for longer than two dense steps (a busy machine), so
+one hiccup does not price it out of the whole answer. Draft lengths at most double from one round
+to the next longest, so acceptance learnt on short drafts is tried on longer ones step by step. When rows finish and leave a batch, the
 next round's measured cost rescales every cost estimate. With ``budget="auto"`` at batch 1, the
 same drafter reading only the best part of its selection is a further arm with its own costs and
 acceptance (:func:`budget_variants`).
@@ -44,9 +47,9 @@ def budget_variants(batch: int = 1) -> tuple[int, ...]:
 
     At batch 1 the :func:`auto_budget` of 1024 candidates is the safe choice for acceptance, but
     reading fewer of them was faster wherever acceptance held (SmolLM2-135M, 2-core CPU, README
-    sweeps: at batch 1 x 8000 tokens, int8 drafts at gamma 12 ran 1.93x over dense with 512 prompt
-    entries and 1.84x with 256 against 1.77x with 1024; at batch 1 x 2000, gamma 4, 256 entries
-    gave 1.34x). So the best 512 and 256 are drafters of their own: the controller measures them
+    sweeps: at batch 1 x 8000 tokens, int8 drafts at gamma 12 ran 2.01x over dense with 512 prompt
+    entries and 1.79x with 256 against 1.81x with 1024; at batch 1 x 2000, gamma 4, 256 entries
+    gave 1.36x). So the best 512 and 256 are drafters of their own: the controller measures them
     and keeps whichever commits tokens fastest on this text. Larger batches start at 256.
     """
     return (512, 256) if batch <= 1 else ()
@@ -76,6 +79,7 @@ class _Arm:
 
     name: str
     parent: int | None = None  # the arm whose weights it shares, reading fewer entries
+    hiccup: bool = False  # whether a first measurement was already discarded as a hiccup
     c_draft: _Ema = field(default_factory=lambda: _Ema(0.7))
     acc: float = 0.0
     trials: float = 0.0
@@ -119,8 +123,8 @@ class GammaController:
             :meth:`next_round`).
         parents: per drafter, None, or the index of the drafter it reads a smaller budget of (the
             same weights over fewer prompt entries). Such a drafter is only measured where its
-            parent could beat dense decoding with every draft accepted: reading fewer entries saves
-            part of a step, not the weights' share.
+            parent could pay and has the cheapest weights (see :meth:`_worth_measuring`), and its
+            measuring round is as long as the parent's best draft length.
     """
 
     drafters: tuple[str, ...] = ("model",)
@@ -135,6 +139,14 @@ class GammaController:
     # ``margin``, unless even perfect acceptance would gain less than ``hope_margin``: a drafter that
     # could only just pay at best is not worth the rounds it takes to find out.
     hope_margin: float = 1.10
+    # A drafter's first measured round is discarded once (and measured again) when a draft step, or a
+    # verify pass over at most 4 tokens, took longer than this many dense steps: on a busy machine one
+    # stalled pass would otherwise price a drafter out for the whole answer.
+    hiccup_ratio: float = 2.0
+    # Draft lengths grow at most this many times the longest drafted so far: the first tokens of an
+    # answer are often the easiest to draft, and acceptance learnt from short drafts says little about
+    # the late positions of a long one (batch 8 x 6000 tokens: 2, 2, then 10 drafts, most rejected).
+    growth: int = 2
     speculate: bool = True  # False: a drafter is unavailable (dense decoding only)
     reason: str = ""
     _arms: list[_Arm] = field(default_factory=list)
@@ -144,6 +156,7 @@ class GammaController:
     _probe_gap: int = 0
     _rescale: bool = False
     _dense_seen: int = 0
+    _longest: int = 0  # the longest draft length observed so far
     history: list[tuple[int, int]] = field(default_factory=list)  # (arm, gamma) per round
 
     def __post_init__(self) -> None:
@@ -163,15 +176,30 @@ class GammaController:
                 self._c1.add(verify_s)
             self._dense_seen += 1
             return
+        self._longest = max(self._longest, g)
         a = self._arms[arm]
-        a.c_draft.add(draft_s / g)
-        self._verify.setdefault(g + 1, _Ema(0.7)).add(verify_s)
+        if not self._hiccup(a, g, draft_s, verify_s):
+            a.c_draft.add(draft_s / g)
+            self._verify.setdefault(g + 1, _Ema(0.7)).add(verify_s)
         a.acc *= self.decay
         a.trials *= self.decay
         for n in n_accepted:
             # Geometric model: n successes, then one failure unless every draft was accepted.
             a.acc += n
             a.trials += n + (1 if n < g else 0)
+
+    def _hiccup(self, a: _Arm, g: int, draft_s: float, verify_s: float) -> bool:
+        """Whether this round is ``a``'s first measurement and implausibly slow (see ``hiccup_ratio``).
+
+        Its costs are then not recorded, so the drafter is measured again; its acceptance still
+        counts. Only the first measurement is ever discarded: a drafter that is slow again is slow.
+        """
+        c1 = self._c1.value
+        if a.hiccup or a.c_draft.value is not None or c1 is None:
+            return False
+        limit = self.hiccup_ratio * c1
+        a.hiccup = draft_s / g > limit or (g <= 3 and verify_s > limit)
+        return a.hiccup
 
     def batch_changed(self) -> None:
         """Rows stopped and left the batch: every step now costs less. The next round's measured
@@ -255,6 +283,7 @@ class GammaController:
             return 0, 0
         if self._dense_seen < self.first_dense_rounds:
             return 0, 0  # the first rounds measure the dense step
+        limit = min(limit, max(self.first_gamma, self.growth * self._longest))
         for i, a in enumerate(self._arms):
             if a.c_draft.value is None and self._worth_measuring(i):  # measure every drafter once
                 if a.parent is not None:  # the same weights over fewer entries: as long as they pay

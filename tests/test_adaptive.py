@@ -313,6 +313,52 @@ def test_controller_takes_the_dense_cost_from_a_warm_step():
     assert sum(g == 0 for g in chosen[20:]) > 0.8 * 40, chosen
 
 
+def test_controller_measures_again_after_a_hiccup():
+    """Batch 1 x 2000 on SmolLM2 with int8 drafts: in one repeat the measuring round's 3-token verify
+    pass took 139 ms (about 45 normally, 36 for a dense step), and the controller decoded densely for
+    the rest of the answer. A stalled first measurement is taken again, once."""
+    ctl = GammaController()
+    for _ in range(2):
+        ctl.observe(*ctl.next_round(room=1000), 0.0, 0.036, [0])
+    arm, g = ctl.next_round(room=1000)
+    assert g == 2
+    ctl.observe(arm, g, 2 * 0.020, 0.139, [2])  # the hiccup
+    rng = random.Random(8)
+    chosen = []
+    for _ in range(40):
+        arm, g = ctl.next_round(room=1000)
+        n = 0
+        while n < g and rng.random() < 0.95:
+            n += 1
+        ctl.observe(arm, g, 0.020 * g, 0.036 + 0.003 * g, [n])
+        chosen.append(g)
+    assert chosen[0] == 2 and sum(g > 0 for g in chosen) >= 38, chosen
+    # A drafter that is that slow every time is dropped after its second measurement.
+    slow = GammaController()
+    chosen = _feed(slow, c1=1.0, c_draft=2.5, verify_slope=0.1, alpha=0.95, rounds=30, rng=rng)
+    assert [g for _, g in chosen[:6]] == [0, 0, 2, 2, 0, 0] and all(g == 0 for _, g in chosen[4:]), chosen
+
+
+def test_controller_lengthens_drafts_step_by_step():
+    """Batch 8 x 6000 tokens on SmolLM2 with bf16 drafts: after two 2-token rounds with every draft
+    accepted, the controller drafted 10 tokens at once (acceptance then looked like 0.98), and most
+    were rejected. Draft lengths now at most double from the longest so far."""
+    ctl = GammaController(drafters=("bfloat16",))
+    chosen = []
+    for _ in range(12):
+        arm, g = ctl.next_round(room=1000)
+        ctl.observe(arm, g, 0.05 * g, 0.211 + 0.0285 * g, [g] * 8)  # every draft accepted
+        chosen.append(g)
+    assert chosen[:6] == [0, 0, 2, 4, 8, 12], chosen
+    unbounded = GammaController(drafters=("bfloat16",), growth=100)
+    chosen = []
+    for _ in range(4):
+        arm, g = unbounded.next_round(room=1000)
+        unbounded.observe(arm, g, 0.05 * g, 0.211 + 0.0285 * g, [g] * 8)
+        chosen.append(g)
+    assert chosen[3] > 4, chosen  # the control: without the bound the model drafts long at once
+
+
 def test_controller_rescales_costs_when_the_batch_shrinks():
     ctl = GammaController()
     for verify in (1.0, 1.0):
