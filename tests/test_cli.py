@@ -157,6 +157,7 @@ def test_bench_point_runs_every_method(tmp_path):
     assert "| method |" in proc.stdout and "prompt-lookup" in proc.stdout
     data = json.loads((out / "results.json").read_text())
     assert len(data["points"]) == 2
+    assert data["settings"]["gammas"] and data["software"]["transformers"] and data["software"]["torch"]
     for point in data["points"]:
         rows = {r["method"]: r for r in point["rows"]}
         assert set(rows) == set(suite.METHODS)

@@ -32,6 +32,7 @@ import json
 import platform
 import resource
 import statistics
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -433,7 +434,9 @@ def run(args, model=None, tokenizer=None, say: Callable[[str], None] = print) ->
               f"median of {args.repeats}; decode phase; speedup over the fastest dense baseline at each point")
     md = markdown([(p, rows) for _, p, rows in results], header)
     data = {
-        "machine": machine, "model": "SmolLM2-135M-Instruct fp32", "max_new_tokens": args.max_new_tokens,
+        "machine": machine, "software": software(),
+        "settings": {k: v for k, v in vars(args).items() if not callable(v)},
+        "model": "SmolLM2-135M-Instruct fp32", "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats, "methods": {m: METHODS[m] for m in methods},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "points": [{"sweep": s, **asdict(p), "rows": [asdict(r) for r in rows]} for s, p, rows in results],
@@ -445,6 +448,22 @@ def run(args, model=None, tokenizer=None, say: Callable[[str], None] = print) ->
     data["plots"] = [] if args.no_plots else [str(x) for x in plots(results, out)]
     data["markdown"] = md
     return data
+
+
+def software() -> dict:
+    """Versions that decide the figures: this package (and its git commit when run from a
+    checkout, else None), transformers and torch."""
+    import transformers
+
+    from .. import __version__
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"sparse2dense": __version__, "commit": commit, "transformers": transformers.__version__,
+            "torch": torch.__version__}
 
 
 def main(argv=None) -> int:
