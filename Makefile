@@ -25,7 +25,7 @@ test: $(BIN)/sparse2dense
 test-fast: $(BIN)/sparse2dense
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The README's results: every method side by side over context lengths at batch 1 (about 30 min on
+# The README's results: every method side by side over context lengths at batch 1 (about 11 min on
 # a 2-core CPU). Other sweeps: see `sparse2dense bench --help` and the README.
 bench: $(BIN)/sparse2dense
 	$(BIN)/sparse2dense bench --sweep context --contexts 1000,2000,4000,8000 --batch 1 \
