@@ -13,10 +13,10 @@ clearly, so early bad luck does not end speculation that would; dense rounds occ
 a short draft so a drafter that starts to pay is noticed. A drafter's first measurement is taken
 again, once, when one of its passes stalled for longer than two dense steps (a busy machine), so
 one hiccup does not price it out of the whole answer. Draft lengths at most double from one round
-to the next longest, so acceptance learnt on short drafts is tried on longer ones step by step. When rows finish and leave a batch, the
-next round's measured cost rescales every cost estimate. With ``budget="auto"`` at batch 1, the
-same drafter reading only the best part of its selection is a further arm with its own costs and
-acceptance (:func:`budget_variants`).
+to the next longest, so acceptance learnt on short drafts is tried on longer ones step by step.
+When rows finish and leave a batch, the next round's measured cost rescales every cost estimate.
+With ``budget="auto"`` at batch 1, the same drafter reading only the best part of its selection is
+a further arm with its own costs and acceptance (:func:`budget_variants`).
 
 Nothing here changes which tokens are produced: every draft length gives the dense output.
 """

@@ -804,14 +804,19 @@ class _Run:
         sel = self.selection
         if sel is None or self.cfg.budget != AUTO:
             return arms
-        n_keep = self.keep.sum(dim=1).to(sel.n_selected.device)
+        whole = sel.first_column()
         for cands in budget_variants(self.batch):
-            reads = torch.minimum(sel.n_selected, n_keep + cands)
-            if bool((reads == sel.n_selected).all()):
+            lo = self._draft_start(cands)
+            if bool((lo == whole).all()):
                 continue  # the selection holds no more than this
             for parent, (name, module) in enumerate(self.drafters):
-                arms.append((f"{name}@{int(reads.max())}", module, cands, parent))
+                arms.append((f"{name}@{int((sel.base - lo).max())}", module, cands, parent))
         return arms
+
+    def _draft_start(self, cands: int) -> torch.Tensor:
+        """LongTensor ``[B]``: each row's first draft column when it reads its kept tokens and its
+        ``cands`` best candidates (recomputed per round: batch compaction moves rows)."""
+        return self.selection.first_column(self.keep.sum(dim=1), cands)
 
     def _rounds(self, gamma: int, until_all_done: bool = False) -> None:
         """Draft -> verify -> accept -> commit until every row has finished."""
@@ -822,10 +827,7 @@ class _Run:
             if ctl is not None:
                 arm, g = ctl.next_round(room)
                 _, self.drafter, cands, _ = self.arms[arm]
-                if g > 0 and cands is not None:
-                    self.draft_lo = self.selection.first_column(self.keep.sum(dim=1), cands)
-                else:
-                    self.draft_lo = None
+                self.draft_lo = self._draft_start(cands) if g > 0 and cands is not None else None
             else:
                 g = max(0, min(gamma, room - 1))  # drafts beyond the last allowed token are wasted
             n_batch = self.batch

@@ -198,8 +198,9 @@ def build_mask(
     """Additive attention mask for a block of queries over cached columns.
 
     Query ``i`` of row ``b`` sits at column ``q_cols[b, i]`` and may read column ``j`` when
-    ``lo[b] <= j <= q_cols[b, i]`` and (for sliding-window layers) ``q_cols[b, i] - j < window``. A query may always read itself, so padding
-    queries never see an empty row (which would turn into NaN).
+    ``lo[b] <= j <= q_cols[b, i]`` and (for sliding-window layers) ``q_cols[b, i] - j < window``.
+    A query may always read itself, so padding queries never see an empty row (which would turn
+    into NaN).
 
     Args:
         lo: LongTensor ``[B]``: first readable column per row.

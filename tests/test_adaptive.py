@@ -23,6 +23,11 @@ from sparse2dense.drafter import copy_nbytes, draft_model
 from sparse2dense.engine import _Run
 
 
+def _bare_run(model, config, ids, mask, max_new):
+    """An engine run without EOS, processors or criteria (the tests drive its phases by hand)."""
+    return _Run(model, get_adapter(model), config, ids, mask, max_new, [], PAD_ID, None, None, None, None, {}, None)
+
+
 # --------------------------------------------------------------------------------- lossless settings
 @pytest.mark.parametrize("arch", FULL_ATTENTION_ARCHS)
 def test_auto_gamma_and_budget_are_lossless(tiny_model, arch):
@@ -90,7 +95,7 @@ def test_reselection_changes_the_drafter(llama):
     gen = torch.Generator().manual_seed(2)
     ids, mask = make_batch(gen, [500])
     config = cfg(24, 4, reselect_every=2)
-    run = _Run(llama, get_adapter(llama), config, ids, mask, 20, [], PAD_ID, None, None, None, None, {}, None)
+    run = _bare_run(llama, config, ids, mask, 20)
     with torch.inference_mode(), attention_routed(llama):
         run.prefill()
         run.select()
@@ -106,8 +111,7 @@ def test_last_policy_scores_with_other_queries_than_paper(llama):
     ids, mask = make_batch(gen, [400])
     picks = {}
     for policy in ("paper", "last"):
-        run = _Run(llama, get_adapter(llama), cfg(24, 4, policy=policy, observe_last=3), ids, mask, 4, [], PAD_ID,
-                   None, None, None, None, {}, None)
+        run = _bare_run(llama, cfg(24, 4, policy=policy, observe_last=3), ids, mask, 4)
         with torch.inference_mode(), attention_routed(llama):
             run.prefill()
             run.select()
@@ -119,15 +123,14 @@ def test_one_prefill_serves_several_policies(llama):
     """The bench selects each policy from one prefill; each must equal its own fresh run."""
     gen = torch.Generator().manual_seed(8)
     ids, mask = make_batch(gen, [420, 300])
-    shared = _Run(llama, get_adapter(llama), cfg(24, 4), ids, mask, 4, [], PAD_ID, None, None, None, None, {}, None)
+    shared = _bare_run(llama, cfg(24, 4), ids, mask, 4)
     shared.score_policies = {"paper", "last"}
     with torch.inference_mode(), attention_routed(llama):
         shared.prefill()
         for policy in ("paper", "last", "streaming"):
             shared.select(policy, keep_capture=True)
             got = shared.selection.buffer.k[:, :, :, : shared.selection.base].clone()
-            alone = _Run(llama, get_adapter(llama), cfg(24, 4, policy=policy), ids, mask, 4, [], PAD_ID, None,
-                         None, None, None, {}, None)
+            alone = _bare_run(llama, cfg(24, 4, policy=policy), ids, mask, 4)
             alone.prefill()
             alone.select()
             assert torch.equal(got, alone.selection.buffer.k[:, :, :, : alone.selection.base]), policy
@@ -141,8 +144,7 @@ def test_reading_fewer_entries_of_a_selection_is_that_budget(llama, lens):
     ids, mask = make_batch(torch.Generator().manual_seed(sum(lens)), lens)
     drafts, differs = {}, False
     for budget in (72, 200):
-        run = _Run(llama, get_adapter(llama), cfg(budget, 8), ids, mask, 12, [], PAD_ID, None, None, None, None,
-                   {}, None)
+        run = _bare_run(llama, cfg(budget, 8), ids, mask, 12)
         with torch.inference_mode(), attention_routed(llama):
             run.prefill()
             run.select()
@@ -203,8 +205,7 @@ def test_sparse_only_is_the_drafter_alone(llama):
     ids, mask = make_batch(gen, [300])
     seqs = {}
     for budget in (100000, 8):
-        run = _Run(llama, get_adapter(llama), cfg(budget, 4), ids, mask, 40, [], PAD_ID, None, None, None, None,
-                   {}, None)
+        run = _bare_run(llama, cfg(budget, 4), ids, mask, 40)
         with torch.inference_mode(), attention_routed(llama):
             run.prefill()
             run.select()
