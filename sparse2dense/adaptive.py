@@ -12,7 +12,10 @@ optimistic bound (one standard error up) says drafting could pay, and perfect ac
 clearly, so early bad luck does not end speculation that would; dense rounds occasionally re-probe
 a short draft so a drafter that starts to pay is noticed. A drafter's first measurement is taken
 again, once, when one of its passes stalled for longer than two dense steps (a busy machine), so
-one hiccup does not price it out of the whole answer. Draft lengths at most double from one round
+one hiccup does not price it out of the whole answer; and a measuring round ends after one draft step
+when that step already cost more than a dense step, or than a drafter that drafts alike, since such
+a drafter can never be the fastest. Float copies of the same weights (fp32, bf16) share one
+acceptance estimate, so their step costs alone decide between them. Draft lengths at most double from one round
 to the next longest, so acceptance learnt on short drafts is tried on longer ones step by step.
 When rows finish and leave a batch, the next round's measured cost rescales every cost estimate.
 With ``budget="auto"`` at batch 1, the same drafter reading only the best part of its selection is
@@ -74,13 +77,9 @@ class _Ema:
 
 
 @dataclass
-class _Arm:
-    """One drafter the controller may use (e.g. the model's own weights, or a bf16 copy)."""
+class _Acceptance:
+    """Discounted acceptance counts of one drafter, or of drafters that draft alike (see ``pools``)."""
 
-    name: str
-    parent: int | None = None  # the arm whose weights it shares, reading fewer entries
-    hiccup: bool = False  # whether a first measurement was already discarded as a hiccup
-    c_draft: _Ema = field(default_factory=lambda: _Ema(0.7))
     acc: float = 0.0
     trials: float = 0.0
 
@@ -106,6 +105,26 @@ class _Arm:
 
 
 @dataclass
+class _Arm:
+    """One drafter the controller may use (e.g. the model's own weights, or a bf16 copy)."""
+
+    name: str
+    parent: int | None = None  # the arm whose weights it shares, reading fewer entries
+    hiccup: bool = False  # whether a first measurement was already discarded as a hiccup
+    cut_short: int = 0  # measuring rounds stopped after one draft step (see GammaController.give_up_after)
+    c_draft: _Ema = field(default_factory=lambda: _Ema(0.7))
+    acceptance: _Acceptance = field(default_factory=_Acceptance)
+
+    @property
+    def alpha(self) -> float:
+        return self.acceptance.alpha
+
+    @property
+    def alpha_upper(self) -> float:
+        return self.acceptance.alpha_upper
+
+
+@dataclass
 class GammaController:
     """Chooses each round's drafter and draft length from measured costs and online acceptance.
 
@@ -125,10 +144,15 @@ class GammaController:
             same weights over fewer prompt entries). Such a drafter is only measured where its
             parent could pay and has the cheapest weights (see :meth:`_worth_measuring`), and its
             measuring round is as long as the parent's best draft length.
+        pools: per drafter, the index of the drafter whose acceptance counts it shares (its own
+            index, or empty, for none): float copies of the same weights over the same entries
+            (fp32 and bf16) draft nearly the same tokens, so one shared estimate lets their step
+            costs alone decide between them, instead of the noise of whichever drafted last.
     """
 
     drafters: tuple[str, ...] = ("model",)
     parents: tuple[int | None, ...] = ()
+    pools: tuple[int, ...] = ()
     max_gamma: int = MAX_AUTO_GAMMA
     first_gamma: int = 2  # a drafter's first (measuring) round: short, as it may not pay
     first_dense_rounds: int = 2  # the dense step's cost is their minimum (the first step runs cold)
@@ -147,6 +171,10 @@ class GammaController:
     # answer are often the easiest to draft, and acceptance learnt from short drafts says little about
     # the late positions of a long one (batch 8 x 6000 tokens: 2, 2, then 10 drafts, most rejected).
     growth: int = 2
+    # A measuring round stops after its first draft step when that step took longer than this many
+    # times a dense step, or a step of a measured drafter that drafts alike (the same pool): such a
+    # drafter cannot be the fastest, so its further drafts would only be paid for.
+    give_up_ratio: float = 1.2
     speculate: bool = True  # False: a drafter is unavailable (dense decoding only)
     reason: str = ""
     _arms: list[_Arm] = field(default_factory=list)
@@ -162,6 +190,8 @@ class GammaController:
     def __post_init__(self) -> None:
         parents = self.parents or (None,) * len(self.drafters)
         self._arms = [_Arm(name, parent=p) for name, p in zip(self.drafters, parents)]
+        for arm, pool in zip(self._arms, self.pools):
+            arm.acceptance = self._arms[pool].acceptance
 
     # -------------------------------------------------------------- observations
     def observe(self, arm: int, g: int, draft_s: float, verify_s: float, n_accepted: list[int]) -> None:
@@ -181,12 +211,34 @@ class GammaController:
         if not self._hiccup(a, g, draft_s, verify_s):
             a.c_draft.add(draft_s / g)
             self._verify.setdefault(g + 1, _Ema(0.7)).add(verify_s)
-        a.acc *= self.decay
-        a.trials *= self.decay
+        acc = a.acceptance
+        acc.acc *= self.decay
+        acc.trials *= self.decay
         for n in n_accepted:
             # Geometric model: n successes, then one failure unless every draft was accepted.
-            a.acc += n
-            a.trials += n + (1 if n < g else 0)
+            acc.acc += n
+            acc.trials += n + (1 if n < g else 0)
+
+    def give_up_after(self, arm: int) -> float | None:
+        """Seconds after which ``arm``'s draft step ends its round early (None: it never does).
+
+        Only a measuring round (``arm``'s step cost is not yet known) can end early: when its first
+        draft step took longer than ``give_up_ratio`` times a dense step, or than a step of a measured
+        drafter in the same pool (one that drafts alike), the drafter can never be the fastest, so
+        the round verifies that one draft instead of drafting more. Its cost is then recorded from
+        that step (see :meth:`cut_short`).
+        """
+        a = self._arms[arm]
+        c1 = self._c1.value
+        if a.c_draft.value is not None or c1 is None:
+            return None
+        alike = [b.c_draft.value for b in self._arms
+                 if b is not a and b.acceptance is a.acceptance and b.c_draft.value is not None]
+        return self.give_up_ratio * min([c1, *alike])
+
+    def cut_short(self, arm: int) -> None:
+        """Record that ``arm``'s measuring round stopped after one draft step (for the stats)."""
+        self._arms[arm].cut_short += 1
 
     def _hiccup(self, a: _Arm, g: int, draft_s: float, verify_s: float) -> bool:
         """Whether this round is ``a``'s first measurement and implausibly slow (see ``hiccup_ratio``).
@@ -335,5 +387,6 @@ class GammaController:
             "dense_step_ms": None if self._c1.value is None else round(1000 * self._c1.value, 3),
             "draft_step_ms": {a.name: None if a.c_draft.value is None else round(1000 * a.c_draft.value, 3)
                               for a in self._arms},
+            "cut_short": {a.name: a.cut_short for a in self._arms if a.cut_short},
             "reason": self.reason,
         }

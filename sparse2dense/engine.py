@@ -448,12 +448,14 @@ class _Run:
                 return module
         return None
 
-    def _draft(self, g: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _draft(self, g: int, give_up_s: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Propose ``g`` tokens per row with the sparse drafter.
 
-        Returns ``(drafts [B, g], q)``: when sampling, ``q`` ``[B, g, V]`` holds the distributions the
-        drafts were drawn from; for greedy decoding it is None.
+        Returns ``(drafts [B, g'], q)``: when sampling, ``q`` ``[B, g', V]`` holds the distributions
+        the drafts were drawn from; for greedy decoding it is None. ``g' = g`` unless ``give_up_s`` is
+        given and the first step took longer than that many seconds; then ``g' = 1``.
         """
+        t_start = time.perf_counter()
         sel = self.selection
         b = self.batch
         tok = self.last
@@ -492,6 +494,8 @@ class _Run:
             else:
                 tok = scores.argmax(dim=-1)
             drafts.append(tok)
+            if give_up_s is not None and i == 0 and time.perf_counter() - t_start > give_up_s:
+                break
         out = torch.stack(drafts, dim=1) if drafts else tok.new_zeros(b, 0)
         return out, (torch.stack(q, dim=1) if q else None)
 
@@ -752,7 +756,8 @@ class _Run:
         if gamma == "auto":
             self.arms = self._auto_arms()
             self.controller = GammaController(drafters=tuple(a[0] for a in self.arms),
-                                              parents=tuple(a[3] for a in self.arms), max_gamma=self.max_gamma)
+                                              parents=tuple(a[3] for a in self.arms),
+                                              pools=self._acceptance_pools(), max_gamma=self.max_gamma)
             self.stats.gamma_mode = "auto"
             if self.selection is None:
                 self.controller.speculate = False
@@ -813,6 +818,18 @@ class _Run:
                 arms.append((f"{name}@{int((sel.base - lo).max())}", module, cands, parent))
         return arms
 
+    def _acceptance_pools(self) -> tuple[int, ...]:
+        """Per arm of :attr:`arms`, the first arm that drafts alike (see ``GammaController.pools``):
+        float copies of the same weights (e.g. the model's fp32 and a bf16 copy) reading the same
+        entries. Integer copies draft measurably differently (int4 accepts less), so keep their own."""
+        keys = []
+        for i, (_, _, cands, parent) in enumerate(self.arms):
+            name = self.drafters[i if parent is None else parent][0]
+            dtype = getattr(torch, name, None)
+            weights = "float" if isinstance(dtype, torch.dtype) and dtype.is_floating_point else name
+            keys.append((cands, weights))
+        return tuple(keys.index(k) for k in keys)
+
     def _draft_start(self, cands: int) -> torch.Tensor:
         """LongTensor ``[B]``: each row's first draft column when it reads its kept tokens and its
         ``cands`` best candidates (recomputed per round: batch compaction moves rows)."""
@@ -834,7 +851,11 @@ class _Run:
             # 1. draft
             t0 = time.perf_counter()
             if g > 0:
-                drafts, q = self._draft(g)
+                give_up = ctl.give_up_after(arm) if ctl is not None and g > 1 else None
+                drafts, q = self._draft(g, give_up)
+                if drafts.shape[1] < g:
+                    ctl.cut_short(arm)
+                    g = drafts.shape[1]
             else:
                 drafts, q = self.last.new_zeros(self.batch, 0), None
             t1 = time.perf_counter()

@@ -176,6 +176,38 @@ def test_auto_budget_variants_are_lossless(tiny_model, arch, monkeypatch):
         assert variants and all(per[name] > 0 for name in variants), per
 
 
+def test_measuring_rounds_cut_short_are_lossless_and_float_copies_pool(llama, monkeypatch):
+    """Every measuring round stops after one draft step here (whatever the timings say); the output
+    stays the model's own. The fp32 and bf16 drafters share an acceptance estimate per budget; int8
+    keeps its own."""
+    monkeypatch.setattr("sparse2dense.engine.budget_variants", lambda batch: (40, 8))
+    monkeypatch.setattr(GammaController, "give_up_after",
+                        lambda self, arm: 0.0 if self._arms[arm].c_draft.value is None else None)
+    made = []
+    real_init = GammaController.__init__
+
+    def spy(self, *args, **kwargs):
+        made.append(kwargs)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(GammaController, "__init__", spy)
+    gen = torch.Generator().manual_seed(13)
+    for lens in ([300], [280, 120]):
+        ids, mask = make_batch(gen, lens)
+        out = check_parity(llama, ids, mask, 24, StdConfig(budget=64, gamma="auto", draft_dtype=torch.bfloat16),
+                           both=len(lens) == 1)
+        cut = out.stats.auto["cut_short"]
+        assert cut.get("float32", 0) >= 1 and cut.get("bfloat16", 0) >= 1, out.stats.auto
+        assert next(g for _, g, _, _ in out.stats.round_log if g > 0) == 1
+        assert made[-1]["pools"] == (0, 0)
+    monkeypatch.setattr("sparse2dense.engine.auto_budget", lambda keep, cands, batch=1: keep + 64)
+    ids, mask = make_batch(gen, [300])
+    check_parity(llama, ids, mask, 12, StdConfig(budget="auto", gamma="auto", draft_dtype=torch.bfloat16), both=False)
+    assert made[-1]["drafters"][:2] == ("float32", "bfloat16") and made[-1]["pools"] == (0, 0, 2, 2, 4, 4)
+    check_parity(llama, ids, mask, 12, StdConfig(budget="auto", gamma="auto"), both=False)
+    assert made[-1]["drafters"][0] == "int8" and made[-1]["pools"] == (0, 1, 2)
+
+
 def test_controller_measures_a_smaller_budget_only_where_its_weights_could_pay():
     rng = random.Random(12)
     cheap = GammaController(drafters=("int8", "int8@324"), parents=(None, 0))
@@ -358,6 +390,52 @@ def test_controller_lengthens_drafts_step_by_step():
         unbounded.observe(arm, g, 0.05 * g, 0.211 + 0.0285 * g, [g] * 8)
         chosen.append(g)
     assert chosen[3] > 4, chosen  # the control: without the bound the model drafts long at once
+
+
+def test_controller_ends_a_measuring_round_that_cannot_pay():
+    """Batch 1 x 1000 tokens on SmolLM2 with a bf16 copy (the README's context sweep at f8f09b1): its
+    measuring round drafted two tokens at 43 ms a step against a 33.6 ms dense step, though its first
+    step already showed it could never pay. A measuring round now stops after one draft step that
+    cost more than ``give_up_ratio`` dense steps, or steps of a measured drafter that drafts alike."""
+    ctl = GammaController(drafters=("float32", "bfloat16"), pools=(0, 0))
+    assert ctl.give_up_after(1) is None  # nothing to compare with before a dense step
+    for _ in range(2):
+        ctl.observe(*ctl.next_round(room=1000), 0.0, 0.0336, [0])
+    assert ctl.give_up_after(0) == pytest.approx(1.2 * 0.0336)
+    assert ctl.give_up_after(1) == pytest.approx(1.2 * 0.0336)
+    ctl.observe(0, 2, 2 * 0.031, 0.040, [2])  # the model's own weights, measured at 31 ms a step
+    assert ctl.give_up_after(0) is None  # a measured drafter's rounds are never cut
+    assert ctl.give_up_after(1) == pytest.approx(1.2 * 0.031)  # the alike drafter's step is the bar
+    ctl.cut_short(1)
+    ctl.observe(1, 1, 0.043, 0.038, [1])
+    assert ctl.summary()["cut_short"] == {"bfloat16": 1}
+    assert all(a == 0 for a, g in (ctl.next_round(room=1000) for _ in range(5)))
+    # Drafters that do not draft alike (int4 accepts less) are only held to the dense step.
+    apart = GammaController(drafters=("float32", "int4"))
+    for _ in range(2):
+        apart.observe(*apart.next_round(room=1000), 0.0, 0.0336, [0])
+    apart.observe(0, 2, 2 * 0.031, 0.040, [2])
+    assert apart.give_up_after(1) == pytest.approx(1.2 * 0.0336)
+
+
+def test_float_copies_share_one_acceptance_estimate():
+    """Batch 8 x 6000 tokens on SmolLM2 (the README command at f8f09b1): after one long bf16 round
+    lowered the bf16 copy's acceptance estimate, the controller drafted three rounds with the fp32
+    weights (63 against 46 ms a step), which draft nearly the same tokens. Float copies of the same
+    weights now share one estimate, so the step cost alone decides between them."""
+    picks = {}
+    for pools in ((0, 0), ()):
+        ctl = GammaController(drafters=("float32", "bfloat16"), pools=pools)
+        for _ in range(2):
+            ctl.observe(0, 0, 0.0, 0.211, [0] * 8)
+        ctl.observe(0, 2, 2 * 0.063, 0.27, [2] * 8)
+        ctl.observe(1, 2, 2 * 0.046, 0.27, [2] * 8)
+        ctl.observe(1, 4, 4 * 0.046, 0.33, [4] * 8)
+        ctl.observe(1, 8, 8 * 0.046, 0.44, [8, 1, 2, 3, 8, 0, 5, 8])  # one long round rejects early
+        alpha = ctl.summary()["alpha"]
+        picks[pools] = ctl.next_round(room=1000)[0], alpha["float32"], alpha["bfloat16"]
+    assert picks[(0, 0)][0] == 1 and picks[(0, 0)][1] == picks[(0, 0)][2]
+    assert picks[()][0] == 0 and picks[()][1] > picks[()][2]  # the control: separate estimates
 
 
 def test_controller_rescales_costs_when_the_batch_shrinks():
