@@ -12,11 +12,12 @@ optimistic bound (one standard error up) says drafting could pay, and perfect ac
 clearly, so early bad luck does not end speculation that would; dense rounds occasionally re-probe
 a short draft so a drafter that starts to pay is noticed. A drafter's first measurement is taken
 again, once, when one of its passes stalled for longer than two dense steps (a busy machine), so
-one hiccup does not price it out of the whole answer; and a measuring round ends after one draft step
-when that step already cost more than a dense step, or than a drafter that drafts alike, since such
-a drafter can never be the fastest. Float copies of the same weights (fp32, bf16) share one
-acceptance estimate, so their step costs alone decide between them. Draft lengths at most double from one round
-to the next longest, so acceptance learnt on short drafts is tried on longer ones step by step.
+one hiccup does not price it out of the whole answer. A measuring round ends after one draft step
+when that step already cost clearly more (``give_up_ratio``) than a dense step, or than a step of a
+drafter that drafts alike, since such a drafter can never be the fastest. Float copies of the same
+weights (fp32, bf16) share one acceptance estimate, so their step costs alone decide between them.
+Draft lengths at most double from one round to the next longest, so acceptance learnt on short
+drafts is tried on longer ones step by step.
 When rows finish and leave a batch, the next round's measured cost rescales every cost estimate.
 With ``budget="auto"`` at batch 1, the same drafter reading only the best part of its selection is
 a further arm with its own costs and acceptance (:func:`budget_variants`).
