@@ -116,14 +116,6 @@ class _Arm:
     c_draft: _Ema = field(default_factory=lambda: _Ema(0.7))
     acceptance: _Acceptance = field(default_factory=_Acceptance)
 
-    @property
-    def alpha(self) -> float:
-        return self.acceptance.alpha
-
-    @property
-    def alpha_upper(self) -> float:
-        return self.acceptance.alpha_upper
-
 
 @dataclass
 class GammaController:
@@ -300,8 +292,8 @@ class GammaController:
             return None
         if g == 0:
             return 1.0
-        a = self._arms[arm]
-        return expected_tokens(a.alpha_upper if optimistic else a.alpha, g) * c1 / cost
+        acc = self._arms[arm].acceptance
+        return expected_tokens(acc.alpha_upper if optimistic else acc.alpha, g) * c1 / cost
 
     def perfect_speedup(self, g: int, arm: int = 0) -> float | None:
         """The speedup of ``g`` drafts from ``arm`` if every draft were accepted (the limit)."""
@@ -384,7 +376,7 @@ class GammaController:
             "dense_rounds": len(self.history) - len(spec),
             "mean_gamma": sum(g for _, g in spec) / len(spec) if spec else 0.0,
             "rounds_per_drafter": {a.name: sum(1 for i, _ in spec if i == k) for k, a in enumerate(self._arms)},
-            "alpha": {a.name: round(a.alpha, 4) for a in self._arms},
+            "alpha": {a.name: round(a.acceptance.alpha, 4) for a in self._arms},
             "dense_step_ms": None if self._c1.value is None else round(1000 * self._c1.value, 3),
             "draft_step_ms": {a.name: None if a.c_draft.value is None else round(1000 * a.c_draft.value, 3)
                               for a in self._arms},
