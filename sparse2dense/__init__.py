@@ -8,17 +8,27 @@ Public names:
 
 * :func:`generate`: ``sparse2dense.generate(model, input_ids, ..., max_new_tokens=...)``.
 * :func:`custom_generate`: ``model.generate(**inputs, custom_generate=sparse2dense.custom_generate)``.
-* :class:`StdConfig`, :class:`StdOutput`, :class:`StdStats`, :func:`supported_models`.
+* :class:`Engine`: a batch of requests that join and leave while it decodes
+  (``engine.submit(...)``, ``engine.step()``, ``engine.run()``, ``engine.cancel(handle)``).
+* :class:`StdConfig`, :class:`StdOutput`, :class:`StdStats`, :class:`RequestStats`, :class:`Handle`,
+  :class:`AdmissionError`, :func:`supported_models`.
 """
 
 from .adapters import UnsupportedModelError, supported_models
 from .config import StdConfig
-from .engine import StdOutput, StdStats, generate
+from .engine import Engine
+from .generation import generate
 from .hf import custom_generate
+from .requests import AdmissionError, Handle
+from .stats import RequestStats, StdOutput, StdStats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdmissionError",
+    "Engine",
+    "Handle",
+    "RequestStats",
     "StdConfig",
     "StdOutput",
     "StdStats",

@@ -383,3 +383,19 @@ class GammaController:
             "cut_short": {a.name: a.cut_short for a in self._arms if a.cut_short},
             "reason": self.reason,
         }
+
+
+def acceptance_pools(arms, weight_names: list[str]) -> tuple[int, ...]:
+    """Per arm ``(name, module, candidates, parent)``, the first arm that drafts alike (see
+    ``GammaController.pools``): float copies of the same weights (e.g. the model's fp32 and a bf16
+    copy) reading the same entries. Integer copies draft measurably differently (int4 accepts
+    less), so they keep their own. ``weight_names``: the weights' names (``"float32"``, ``"int8"``)."""
+    import torch
+
+    keys = []
+    for i, (_, _, cands, parent) in enumerate(arms):
+        name = weight_names[i if parent is None else parent]
+        dtype = getattr(torch, name, None)
+        weights = "float" if isinstance(dtype, torch.dtype) and dtype.is_floating_point else name
+        keys.append((cands, weights))
+    return tuple(keys.index(k) for k in keys)

@@ -322,8 +322,8 @@ def _read_text(path: str, what: str) -> str:
 def cmd_generate(args) -> int:
     import torch
 
-    from .bench.compare import compare_methods
-    from .engine import generate
+    from .timing import compare_methods
+    from .generation import generate
     from .models import load_model
 
     _quiet_transformers()

@@ -19,54 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .bench.compare import MethodResult, compare_methods, time_hf_generate
 from .config import StdConfig
+from .timing import MethodResult, compare_methods, time_hf_generate
+from .workloads import QUESTIONS, build_prompts, documentation_text
 
-QUESTIONS = (
-    "Using only the documentation above, explain what the 'with' statement does.",
-    "Using only the documentation above, summarize how Python evaluates boolean operations.",
-    "According to the documentation above, what is a class definition?",
-    "According to the documentation above, how do 'try' statements handle exceptions?",
-    "Based on the text above, what are augmented assignment statements?",
-    "Based on the text above, describe how the 'for' statement works.",
-    "What does the documentation above say about the 'import' statement?",
-    "What does the documentation above say about comparisons?",
-)
-
-
-def documentation_text() -> str:
-    """About 700 KB of real English technical prose that ships with every Python install."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[key].strip() for key in sorted(topics))
-
-
-def build_prompts(tokenizer, batch: int, context_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded chat prompts: row ``i`` holds a different slice of the docs and question ``i``.
-
-    Rows get slightly different lengths (row i's slice is ``context_tokens - 97 * i`` tokens) so a
-    batch exercises left padding.
-
-    Returns:
-        ``(input_ids, attention_mask)``, each ``[batch, prompt_len]``.
-    """
-    doc = tokenizer(documentation_text(), add_special_tokens=False).input_ids
-    rows = []
-    for i in range(batch):
-        n = max(64, context_tokens - 97 * i)
-        start = (i * 9973) % max(1, len(doc) - n)
-        context = tokenizer.decode(doc[start : start + n])
-        messages = [{"role": "user", "content": f"{context}\n\n{QUESTIONS[i % len(QUESTIONS)]}"}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
-        rows.append(list(ids))
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((batch, width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((batch, width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r) :] = torch.tensor(r)
-        attention_mask[i, width - len(r) :] = 1
-    return input_ids, attention_mask
+__all__ = ["QUESTIONS", "ScenarioResult", "build_prompts", "documentation_text", "run_scenario"]
 
 
 @dataclass

@@ -15,7 +15,8 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .config import StdConfig
-from .engine import generate
+from .generation import generate
+
 
 def _streamer_from_generate_call(model):
     """The ``streamer`` given to the ``model.generate`` call that is running this function.

@@ -152,10 +152,11 @@ def gather_selection(dense: KVBuffer, sel: Selection, layer: int, score: torch.T
     score.masked_fill_(keep[:, :p].unsqueeze(1), float("inf"))
     # Ascending order: row b's n_sel[b] selected entries end at column base, the best candidates
     # and then the kept entries last; the columns before them are padding the drafter never reads.
-    idx = score.topk(sel.base, dim=-1, sorted=True).indices.flip(-1)  # [B, Hkv, base]
+    k = min(sel.base, p)
+    idx = score.topk(k, dim=-1, sorted=True).indices.flip(-1)  # [B, Hkv, k]
     gather_idx = idx.unsqueeze(-1).expand(-1, -1, -1, d)
-    sel.buffer.k[layer][:, :, : sel.base] = dense.k[layer].gather(2, gather_idx)
-    sel.buffer.v[layer][:, :, : sel.base] = dense.v[layer].gather(2, gather_idx)
+    sel.buffer.k[layer][:, :, sel.base - k : sel.base] = dense.k[layer].gather(2, gather_idx)
+    sel.buffer.v[layer][:, :, sel.base - k : sel.base] = dense.v[layer].gather(2, gather_idx)
 
 
 def build_draft_cache(

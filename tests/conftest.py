@@ -110,3 +110,12 @@ def hf_greedy(model, ids, mask, max_new_tokens, **kwargs):
     """Reference: plain greedy ``model.generate``."""
     kwargs.setdefault("pad_token_id", PAD_ID)
     return model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+
+
+def bare_engine(model, config, ids, mask, max_new):
+    """A one-batch engine without EOS, processors or criteria, its batch submitted (not yet prefilled):
+    ``(engine, group)``. Tests drive its phases by hand: ``engine.prefill()`` (which also selects),
+    ``engine.decode()``, ``engine.output(group)``."""
+    from sparse2dense.generation import batch_engine
+
+    return batch_engine(model, ids, mask, max_new, config, eos_token_id=[], pad_token_id=PAD_ID)

@@ -11,21 +11,20 @@ import random
 
 import pytest
 import torch
-from conftest import FULL_ATTENTION_ARCHS, PAD_ID, make_batch
+from conftest import FULL_ATTENTION_ARCHS, PAD_ID, bare_engine, make_batch
 from test_parity_text import cfg, check_parity
 
 import sparse2dense
 from sparse2dense import StdConfig
 from sparse2dense.adaptive import GammaController, auto_budget, expected_tokens
-from sparse2dense.adapters import get_adapter
 from sparse2dense.attention import attention_routed
 from sparse2dense.drafter import copy_nbytes, draft_model
-from sparse2dense.engine import _Run
 
 
-def _bare_run(model, config, ids, mask, max_new):
-    """An engine run without EOS, processors or criteria (the tests drive its phases by hand)."""
-    return _Run(model, get_adapter(model), config, ids, mask, max_new, [], PAD_ID, None, None, None, None, {}, None)
+def _prompt_entries(engine):
+    """The drafter buffer's selected prompt entries (all rows, layers and heads)."""
+    d = engine.drafter
+    return d.buffer.k[:, : engine.slots.n, :, : d.base].clone()
 
 
 # --------------------------------------------------------------------------------- lossless settings
@@ -94,16 +93,12 @@ def test_reselection_changes_the_drafter(llama):
     """Re-selection really re-gathers: the draft cache's prompt region differs from the initial one."""
     gen = torch.Generator().manual_seed(2)
     ids, mask = make_batch(gen, [500])
-    config = cfg(24, 4, reselect_every=2)
-    run = _bare_run(llama, config, ids, mask, 20)
-    with torch.inference_mode(), attention_routed(llama):
-        run.prefill()
-        run.select()
-        before = run.selection.buffer.k[:, :, :, : run.selection.base].clone()
-        run.decode()
-    after = run.selection.buffer.k[:, :, :, : run.selection.base]
-    assert run.stats.reselections > 0
-    assert not torch.equal(before, after)
+    engine, _ = bare_engine(llama, cfg(24, 4, reselect_every=2), ids, mask, 20)
+    engine.prefill()
+    before = _prompt_entries(engine)
+    engine.decode()
+    assert engine.stats.reselections > 0
+    assert not torch.equal(before, _prompt_entries(engine))
 
 
 def test_last_policy_scores_with_other_queries_than_paper(llama):
@@ -111,11 +106,9 @@ def test_last_policy_scores_with_other_queries_than_paper(llama):
     ids, mask = make_batch(gen, [400])
     picks = {}
     for policy in ("paper", "last"):
-        run = _bare_run(llama, cfg(24, 4, policy=policy, observe_last=3), ids, mask, 4)
-        with torch.inference_mode(), attention_routed(llama):
-            run.prefill()
-            run.select()
-        picks[policy] = run.selection.buffer.k[:, :, :, : run.selection.base].clone()
+        engine, _ = bare_engine(llama, cfg(24, 4, policy=policy, observe_last=3), ids, mask, 4)
+        engine.prefill()
+        picks[policy] = _prompt_entries(engine)
     assert not torch.equal(picks["paper"], picks["last"])
 
 
@@ -123,17 +116,15 @@ def test_one_prefill_serves_several_policies(llama):
     """The bench selects each policy from one prefill; each must equal its own fresh run."""
     gen = torch.Generator().manual_seed(8)
     ids, mask = make_batch(gen, [420, 300])
-    shared = _bare_run(llama, cfg(24, 4), ids, mask, 4)
-    shared.score_policies = {"paper", "last"}
-    with torch.inference_mode(), attention_routed(llama):
-        shared.prefill()
-        for policy in ("paper", "last", "streaming"):
-            shared.select(policy, keep_capture=True)
-            got = shared.selection.buffer.k[:, :, :, : shared.selection.base].clone()
-            alone = _bare_run(llama, cfg(24, 4, policy=policy), ids, mask, 4)
-            alone.prefill()
-            alone.select()
-            assert torch.equal(got, alone.selection.buffer.k[:, :, :, : alone.selection.base]), policy
+    shared, _ = bare_engine(llama, cfg(24, 4), ids, mask, 4)
+    shared.score_policies, shared.keep_capture = {"paper", "last"}, True
+    shared.prefill()
+    for policy in ("paper", "last", "streaming"):
+        shared.select(policy)
+        got = _prompt_entries(shared)
+        alone, _ = bare_engine(llama, cfg(24, 4, policy=policy), ids, mask, 4)
+        alone.prefill()
+        assert torch.equal(got, _prompt_entries(alone)), policy
 
 
 # --------------------------------------------------------------------------------- smaller budgets
@@ -144,16 +135,16 @@ def test_reading_fewer_entries_of_a_selection_is_that_budget(llama, lens):
     ids, mask = make_batch(torch.Generator().manual_seed(sum(lens)), lens)
     drafts, differs = {}, False
     for budget in (72, 200):
-        run = _bare_run(llama, cfg(budget, 8), ids, mask, 12)
+        engine, _ = bare_engine(llama, cfg(budget, 8), ids, mask, 12)
+        engine.prefill()
         with torch.inference_mode(), attention_routed(llama):
-            run.prefill()
-            run.select()
-            drafts[budget] = run._draft(8)[0]
+            engine.chooser.refresh()
+            drafts[budget] = engine.drafter.draft(8, engine.chooser)[0]
             if budget == 200:
-                n_keep = run.keep.sum(dim=1)
+                n_keep = engine.slots.keep[: len(lens)].sum(dim=1)
                 assert bool((n_keep == n_keep[0]).all())
-                run.draft_lo = run.selection.first_column(n_keep, 72 - int(n_keep[0]))
-                fewer = run._draft(8)[0]
+                engine.drafter.lo = engine.drafter.first_column(72 - int(n_keep[0]))
+                fewer = engine.drafter.draft(8, engine.chooser)[0]
     assert torch.equal(fewer, drafts[72])
     differs = not torch.equal(drafts[200], drafts[72])
     assert differs or len(lens) > 1  # the control: the whole selection drafts otherwise (one row suffices)
@@ -237,16 +228,14 @@ def test_sparse_only_is_the_drafter_alone(llama):
     ids, mask = make_batch(gen, [300])
     seqs = {}
     for budget in (100000, 8):
-        run = _bare_run(llama, cfg(budget, 4), ids, mask, 40)
-        with torch.inference_mode(), attention_routed(llama):
-            run.prefill()
-            run.select()
-            snap = run.snapshot()
-            run.decode(gamma=0)
-            dense = run.output().sequences.clone()
-            run.restore(snap)
-            run.decode(sparse_only=True)
-            seqs[budget] = (dense, run.output().sequences.clone())
+        engine, group = bare_engine(llama, cfg(budget, 4), ids, mask, 40)
+        engine.prefill()
+        snap = engine.snapshot()
+        engine.decode(gamma=0)
+        dense = engine.output(group).sequences.clone()
+        engine.restore(snap)
+        engine.decode(sparse_only=True)
+        seqs[budget] = (dense, engine.output(group).sequences.clone())
     dense, full = seqs[100000]
     assert torch.equal(dense, full)
     dense, sparse = seqs[8]

@@ -21,9 +21,7 @@ from conftest import FULL_ATTENTION_ARCHS, PAD_ID, SLIDING_ARCHS, VOCAB, hf_gree
 import sparse2dense
 import sparse2dense.engine
 from sparse2dense import StdConfig
-from sparse2dense.adapters import get_adapter
-from sparse2dense.attention import attention_routed
-from sparse2dense.engine import _check_inputs, _Run
+from sparse2dense.generation import batch_engine
 
 SINK, KEEP = 2, 8
 
@@ -87,7 +85,7 @@ def test_a_row_left_alone_drafts_as_it_did_in_the_batch(llama, monkeypatch):
         ref = hf_greedy(llama, ids, mask, 24, eos_token_id=eos)
         kept = generate(llama, ids, mask, 24, cfg(64, 4), eos_token_id=eos)
         assert torch.equal(kept.sequences, ref)
-        monkeypatch.setattr(sparse2dense.engine._Run, "_maybe_compact", lambda self: None)
+        monkeypatch.setattr(sparse2dense.engine.Engine, "_compactable", lambda self: False)
         whole = generate(llama, ids, mask, 24, cfg(64, 4), eos_token_id=eos)
         monkeypatch.undo()
         assert whole.stats.compactions == 0
@@ -141,23 +139,19 @@ def test_second_decode_from_the_same_prefill_after_compaction(llama):
     """The bench decodes several methods from one prefill: compaction must leave every row's prompt
     K/V where restore() expects it."""
     ids, mask, eos = eos_case(llama, 1, [220, 180, 90, 160])
-    ids, mask = _check_inputs(ids, mask, 24, get_adapter(llama))
-    run = _Run(llama, get_adapter(llama), cfg(24, 3), ids, mask, 24, [eos], PAD_ID, None, None, None, None, {},
-               None)
+    engine, group = batch_engine(llama, ids, mask, 24, cfg(24, 3), eos_token_id=[eos], pad_token_id=PAD_ID)
     ref = hf_greedy(llama, ids, mask, 24, eos_token_id=eos)
-    with torch.inference_mode(), attention_routed(llama):
-        run.prefill()
-        run.select()
-        snap = run.snapshot()
-        prompt_k = run.dense.k[:, :, :, : ids.shape[1]].clone()
-        for gamma in (3, 0, 2):
-            run.restore(snap)
-            assert torch.equal(run.dense.k[:, :, :, : ids.shape[1]], prompt_k)
-            run.select()
-            run.decode(gamma=gamma)
-            out = run.output()
-            assert torch.equal(out.sequences, ref), gamma
-            assert out.stats.compactions > 0
+    engine.prefill()
+    snap = engine.snapshot()
+    prompt_k = engine.dense.k[:, :, :, : ids.shape[1]].clone()
+    for gamma in (3, 0, 2):
+        engine.restore(snap)
+        assert torch.equal(engine.dense.k[:, :, :, : ids.shape[1]], prompt_k)
+        engine.select()
+        engine.decode(gamma=gamma)
+        out = engine.output(group)
+        assert torch.equal(out.sequences, ref), gamma
+        assert out.stats.compactions > 0
 
 
 def test_nothing_is_dropped_when_the_batch_is_seen_whole(llama):

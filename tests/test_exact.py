@@ -8,51 +8,50 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FULL_ATTENTION_ARCHS, SLIDING_ARCHS, VOCAB, build_model, make_batch
+from conftest import FULL_ATTENTION_ARCHS, SLIDING_ARCHS, VOCAB, bare_engine, build_model, make_batch
 
 from sparse2dense import StdConfig
-from sparse2dense.adapters import get_adapter
 from sparse2dense.attention import attention_routed
 from sparse2dense.drafter import make_drafter
-from sparse2dense.engine import _Run
 from sparse2dense.kv import ForwardPlan
 from sparse2dense.lean import EXACT, LeanDecoder, lean_decoder, supports_exact
 
 
-def _run(model, lens, reselect=False):
+def _run(model, lens):
     gen = torch.Generator().manual_seed(5)
     ids, mask = make_batch(gen, lens)
-    cfg = StdConfig(budget=100000, gamma=4)
-    run = _Run(model, get_adapter(model), cfg, ids, mask, 8, [], 0, None, None, None, None, {}, None)
-    if reselect:  # have verification capture the verifier's queries, as re-selection does
-        a = run.adapter
-        n_q = model.config.num_attention_heads
-        run.reselect_queries = torch.zeros(a.num_layers, len(lens), n_q, 1, a.head_dim, dtype=run.dense.k.dtype)
-    return run, torch.randint(3, VOCAB, (len(lens), 4), generator=gen)
+    engine, _ = bare_engine(model, StdConfig(budget=100000, gamma=4), ids, mask, 8)
+    return engine, torch.randint(3, VOCAB, (len(lens), 4), generator=gen)
 
 
 def _both(model, lens, t, shift=0):
     """Verification logits (and captured queries) of a ``t``-token block through the model's forward
     and through the exact forward (``shift`` moves the exact forward's positions: a deliberate bug)."""
-    run, block = _run(model, lens, reselect=True)
+    engine, block = _run(model, lens)
     block = block[:, :t]
-    exact = run.exact
+    runner = engine.runner
+    exact = runner.exact
     assert isinstance(exact, LeanDecoder) and exact.fmt == EXACT
     out = []
+    engine.select_on_join = False
+    engine.prefill()
+    a = engine.adapter  # verification captures the verifier's queries, as re-selection does
+    reselect = torch.zeros(a.num_layers, len(lens), a.num_q_heads, 1, a.head_dim, dtype=engine.dense.k.dtype)
     with torch.inference_mode(), attention_routed(model):
-        run.prefill()
-        col = run.dense_len
+        s = engine.slots
+        col = s.dense_len[: s.n]
         q_cols = col.unsqueeze(1) + torch.arange(t)
         span = int(col.max()) + t
-        masks, sliding = run._masks(run.pad, q_cols, span)
+        masks, sliding = runner.masks(s.lo[: s.n], q_cols, span)
         for use, moved in ((None, 0), (exact, shift)):
-            run.exact = use
+            runner.exact = use
             uniform = len(lens) == 1
-            plan = ForwardPlan(buffer=run.dense, write_col=None if uniform else col,
+            plan = ForwardPlan(buffer=engine.dense_view(), write_col=None if uniform else col,
                                write_col_int=int(col[0]) if uniform else None, q_len=t, span=span, mask=masks,
-                               mask_sliding=sliding, window=run.window, capture=run._capture_last_query)
-            logits = run._forward(plan, block, q_cols - run.pad.unsqueeze(1) + moved, True)
-            out.append((logits, run.reselect_queries.clone()))
+                               mask_sliding=sliding, window=runner.window,
+                               capture=lambda i, q: reselect[i].copy_(q[:, :, :1]))
+            logits = runner.forward(plan, engine.cache, block, q_cols - s.lo[: s.n].unsqueeze(1) + moved, True)
+            out.append((logits, reselect.clone()))
     return out
 
 
@@ -76,7 +75,7 @@ def test_exact_check_catches_a_position_error(arch):
 
 
 def test_engine_routes_decode_passes_through_the_exact_forward(llama, monkeypatch):
-    run, _ = _run(llama, [40])
+    engine, _ = _run(llama, [40])
     seen = []
     original = LeanDecoder.__call__
 
@@ -85,11 +84,11 @@ def test_engine_routes_decode_passes_through_the_exact_forward(llama, monkeypatc
         return original(self, ids, positions, all_logits)
 
     monkeypatch.setattr(LeanDecoder, "__call__", spy)
+    engine.prefill()
     with torch.inference_mode(), attention_routed(llama):
-        run.prefill()
-        run.select()
-        run._draft(2)
-        run._verify(torch.zeros(1, 3, dtype=torch.long))
+        engine.chooser.refresh()
+        engine.drafter.draft(2, engine.chooser)
+        engine.runner.verify(engine.dense_view(), engine.cache, engine.slots, torch.zeros(1, 4, dtype=torch.long))
     assert seen == [(EXACT, (1, 1)), (EXACT, (1, 1)), (EXACT, (1, 4))]  # prefill keeps the model's forward
 
 

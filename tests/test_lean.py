@@ -13,16 +13,14 @@ import random
 
 import pytest
 import torch
-from conftest import FULL_ATTENTION_ARCHS, SLIDING_ARCHS, VOCAB, build_model, make_batch
+from conftest import FULL_ATTENTION_ARCHS, SLIDING_ARCHS, VOCAB, bare_engine, build_model, make_batch
 from test_parity_text import cfg, check_parity
 
 import sparse2dense
 from sparse2dense import StdConfig
-from sparse2dense.adapters import get_adapter
 from sparse2dense.attention import attention_routed
 from sparse2dense.config import parse_dtype
 from sparse2dense.drafter import make_drafter
-from sparse2dense.engine import _Run
 from sparse2dense.kv import ForwardPlan
 from sparse2dense.lean import LeanDecoder, supports_lean
 
@@ -48,23 +46,27 @@ def _logits(model, fmt: str, shift: int = 0):
     left-padded prompt (``shift`` moves the drafter's positions: a deliberate bug)."""
     gen = torch.Generator().manual_seed(5)
     ids, mask = make_batch(gen, [180, 120])
-    run = _Run(model, get_adapter(model), StdConfig(budget=100000, gamma=4), ids, mask, 8, [], 0, None, None,
-               None, None, {}, None)
+    engine, _ = bare_engine(model, StdConfig(budget=100000, gamma=4), ids, mask, 8)
     lean = make_drafter(model, fmt if fmt != "bf16" else torch.bfloat16)[1]
     assert isinstance(lean, LeanDecoder)
     block = torch.randint(3, VOCAB, (2, 3), generator=gen)
-    run.exact = None  # the reference is the transformers forward itself
+    runner = engine.runner
+    runner.exact = None  # the reference is the transformers forward itself
+    engine.select_on_join = False
+    engine.prefill()
     with torch.inference_mode(), attention_routed(model):
-        run.prefill()
-        col = run.dense_len
+        s = engine.slots
+        col = s.dense_len[: s.n]
         q_cols = col.unsqueeze(1) + torch.arange(3)
         span = int(col.max()) + 3
-        masks, _ = run._masks(run.pad, q_cols, span)
-        plan = ForwardPlan(buffer=run.dense, write_col=col, write_col_int=None, q_len=3, span=span, mask=masks)
-        positions = q_cols - run.pad.unsqueeze(1)
-        ref = run._forward(plan, block, positions, True)
-        plan = ForwardPlan(buffer=run.dense, write_col=col, write_col_int=None, q_len=3, span=span, mask=masks)
-        got = run._forward(plan, block, positions + shift, True, model=lean)
+        masks, _ = runner.masks(s.lo[: s.n], q_cols, span)
+        plan = ForwardPlan(buffer=engine.dense_view(), write_col=col, write_col_int=None, q_len=3, span=span,
+                           mask=masks)
+        positions = q_cols - s.lo[: s.n].unsqueeze(1)
+        ref = runner.forward(plan, engine.cache, block, positions, True)
+        plan = ForwardPlan(buffer=engine.dense_view(), write_col=col, write_col_int=None, q_len=3, span=span,
+                           mask=masks)
+        got = runner.forward(plan, engine.cache, block, positions + shift, True, model=lean)
     return ref, got
 
 

@@ -27,9 +27,6 @@ class Adapter:
 
     #: prompt chunks may be prefilled separately (False when vision inputs need one pass).
     chunked_prefill: bool = True
-    #: attributes holding one entry per batch row (dim 0); the engine keeps them in step when it
-    #: drops finished rows from a batch.
-    row_state: tuple[str, ...] = ()
 
     def __init__(self, model):
         self.model = model
@@ -89,8 +86,12 @@ class Adapter:
         """bool ``[B, P]``: prompt tokens the drafter may drop. ``valid`` marks non-padding tokens."""
         raise NotImplementedError
 
-    def position_ids(self, positions: torch.Tensor) -> torch.Tensor:
-        """Position ids to feed for text positions ``[B, T]`` (plain RoPE: unchanged)."""
+    def position_ids(self, positions: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """Position ids to feed for text positions ``[B, T]`` (plain RoPE: unchanged).
+
+        ``offsets``: the per-row values that :meth:`prefill_position_ids` returned (``[B, 1]``), or
+        None; the engine keeps them with each row, so rows prefilled apart can share a batch.
+        """
         return positions
 
     def prefill_kwargs(self, model_inputs: dict) -> dict:
@@ -98,13 +99,14 @@ class Adapter:
         return {}
 
     def prefill_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, model_inputs: dict,
-                             positions: torch.Tensor) -> torch.Tensor:
-        """Position ids for the whole prompt (last dim = prompt length); default: :meth:`position_ids`."""
-        return self.position_ids(positions)
+                             positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Position ids for the whole prompt (last dim = prompt length) and the per-row offsets that
+        decoding steps pass back to :meth:`position_ids` (``[B, 1]``, or None)."""
+        return self.position_ids(positions), None
 
-    def adopt_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
-        """Take the prompt's position ids prepared by ``generate`` (and any state they imply)."""
-        return position_ids
+    def adopt_position_ids(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Take the prompt's position ids prepared by ``generate``: ``(position ids, offsets)``."""
+        return position_ids, None
 
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """bool ``[B, P]`` marking visual tokens, or None for text-only model families."""

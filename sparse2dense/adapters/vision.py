@@ -57,33 +57,28 @@ class QwenVLAdapter(VisionAdapter):
     The prompt's position ids come from the model's own ``_prepare_position_ids_for_generation``
     (what ``generate`` uses): ``[4, B, P]`` with text positions in row 0 and the 3-D (time, height,
     width) positions in rows 1-3. While decoding, a token at text position ``t`` of row ``b`` has
-    3-D position ``t + rope_deltas[b]`` on all three axes.
+    3-D position ``t + rope_deltas[b]`` on all three axes; ``rope_deltas`` ``[B, 1]`` are the
+    per-row offsets the engine keeps with each row.
     """
-
-    row_state = ("rope_deltas",)
-
-    def __init__(self, model):
-        super().__init__(model)
-        self.rope_deltas: torch.Tensor | None = None  # [B, 1]
 
     def prefill_position_ids(self, input_ids, attention_mask, model_inputs, positions):
         kwargs = {k: v for k, v in model_inputs.items() if v is not None}
         kwargs["attention_mask"] = attention_mask
         pos = self.model._prepare_position_ids_for_generation(input_ids, kwargs)
-        self.rope_deltas = self.model.model.rope_deltas.to(positions.device)
+        deltas = self.model.model.rope_deltas.to(positions.device)
         if pos.ndim == 2:  # text-only path of some versions
-            pos = self.position_ids(positions)
-        return pos
+            pos = self.position_ids(positions, deltas)
+        return pos, deltas
 
-    def adopt_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
+    def adopt_position_ids(self, position_ids: torch.Tensor):
         # generate() stored the matching rope_deltas on the model when it built these ids
         deltas = getattr(self.model.model, "rope_deltas", None)
-        self.rope_deltas = deltas.to(position_ids.device) if deltas is not None else None
+        deltas = deltas.to(position_ids.device) if deltas is not None else None
         if position_ids.ndim == 2:
-            return self.position_ids(position_ids)
-        return position_ids
+            return self.position_ids(position_ids, deltas), deltas
+        return position_ids, deltas
 
-    def position_ids(self, positions: torch.Tensor) -> torch.Tensor:
-        deltas = self.rope_deltas if self.rope_deltas is not None else torch.zeros_like(positions[:, :1])
+    def position_ids(self, positions: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+        deltas = offsets if offsets is not None else torch.zeros_like(positions[:, :1])
         mrope = (positions + deltas).unsqueeze(0).expand(3, -1, -1)
         return torch.cat([positions.unsqueeze(0), mrope], dim=0)

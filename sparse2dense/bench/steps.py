@@ -18,15 +18,14 @@ import time
 
 import torch
 
-from ..adapters import get_adapter
 from ..attention import attention_routed
 from ..config import StdConfig
-from ..demo import documentation_text
+from ..workloads import documentation_text
 from ..drafter import make_drafter
-from ..engine import _Run
+from ..generation import batch_engine
 from ..lean import supports_lean, weight_format_supported
 from ..models import load_demo_model
-from .compare import time_hf_generate
+from ..timing import time_hf_generate
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -39,12 +38,22 @@ def _median_ms(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def _with_drafter(run, drafter, fn):
-    saved, run.drafter = run.drafter, drafter
+def _verify(engine, drafts):
+    """A verify pass and the token choice after it, as a round runs them."""
+    s = engine.slots
+    block = torch.cat([s.last[: s.n, None], drafts], dim=1)
+    logits = engine.runner.verify(engine.dense_view(), engine.cache, s, block)
+    return engine.chooser.pick(engine.chooser.process(logits, drafts), s.n_gen[: s.n], draw=False)
+
+
+def _draft_with(engine, module):
+    """One draft step with ``module``'s weights (the step is written where the next round's would be)."""
+    d = engine.drafter
+    saved, d.module = d.module, module
     try:
-        return fn()
+        return d.draft(1, engine.chooser)
     finally:
-        run.drafter = saved
+        d.module = saved
 
 
 def measure(model, doc_ids: torch.Tensor, context: int, batch: int, budget: int, gamma: int, repeats: int) -> dict:
@@ -54,24 +63,23 @@ def measure(model, doc_ids: torch.Tensor, context: int, batch: int, budget: int,
     cfg = StdConfig(budget=budget, gamma=gamma)
     int8 = make_drafter(model, "int8")[1] if supports_lean(model) and weight_format_supported("int8", model.device) \
         else None
-    adapter = get_adapter(model)
-    run = _Run(model, adapter, cfg, ids, torch.ones_like(ids), 8, [], 0, None, None, None, None, {}, None)
+    engine, _ = batch_engine(model, ids, torch.ones_like(ids), 8, cfg, eos_token_id=[], pad_token_id=0)
+    engine.prefill()
+    d = engine.drafter
     with torch.inference_mode(), attention_routed(model):
-        run.prefill()
-        run.select()
-        ptr = (run.dense.k.data_ptr(), run.selection.buffer.k.data_ptr())
+        engine.chooser.refresh()
+        ptr = (engine.dense.k.data_ptr(), d.buffer.k.data_ptr())
         drafts = torch.zeros(batch, gamma, dtype=torch.long)
         out = {
             "context": context,
             "batch": batch,
             "budget": budget,
-            "draft_step_ms": _median_ms(lambda: run._draft(1), repeats),
-            "draft_step_int8_ms": _median_ms(lambda: _with_drafter(run, int8, lambda: run._draft(1)), repeats)
-            if int8 is not None else None,
-            "dense_step_ms": _median_ms(lambda: run._verify(drafts[:, :0]), repeats),
-            f"verify_{gamma + 1}_ms": _median_ms(lambda: run._verify(drafts), repeats),
+            "draft_step_ms": _median_ms(lambda: _draft_with(engine, d.module), repeats),
+            "draft_step_int8_ms": _median_ms(lambda: _draft_with(engine, int8), repeats) if int8 is not None else None,
+            "dense_step_ms": _median_ms(lambda: _verify(engine, drafts[:, :0]), repeats),
+            f"verify_{gamma + 1}_ms": _median_ms(lambda: _verify(engine, drafts), repeats),
         }
-        out["buffers_never_moved"] = ptr == (run.dense.k.data_ptr(), run.selection.buffer.k.data_ptr())
+        out["buffers_never_moved"] = ptr == (engine.dense.k.data_ptr(), d.buffer.k.data_ptr())
     hf = time_hf_generate(model, ids, torch.ones_like(ids), 1 + repeats, "static")
     out["hf_static_step_ms"] = hf.ms_per_token
     return out

@@ -41,11 +41,11 @@ from typing import Callable
 import torch
 
 from ..adapters import get_adapter
-from ..attention import attention_routed
 from ..config import AUTO, StdConfig
 from ..drafter import make_drafter
-from ..engine import _check_inputs, _Run, resolve_special_tokens
-from .compare import time_hf_generate
+from ..generation import batch_engine
+from ..workloads import build_prompts
+from ..timing import time_hf_generate
 
 DENSE_BASELINES = ("hf-dynamic", "hf-static", "dense")
 METHODS = {
@@ -125,27 +125,21 @@ class Bench:
 
     # ------------------------------------------------------------------ one point
     def run_point(self, point: Point) -> list[MethodRow]:
-        from ..demo import build_prompts
-
         model = self.model
         ids, mask = build_prompts(self.tok, point.batch, point.context)
-        adapter = get_adapter(model)
-        ids, mask = _check_inputs(ids, mask, self.max_new, adapter)
-        eos, pad = resolve_special_tokens(model)
-        # One run object: max_gamma 12 so every fixed gamma and "auto" fit its buffers.
-        base_cfg = StdConfig(budget=point.budget, gamma=AUTO)
-        run = _Run(model, adapter, base_cfg, ids, mask, self.max_new, eos, pad, None, None, None, None, {}, None)
-        run.score_policies = {"paper", "last"}
+        # One engine: max_gamma 12 so every fixed gamma and "auto" fit its buffers.
+        engine, group = batch_engine(model, ids, mask, self.max_new, StdConfig(budget=point.budget, gamma=AUTO))
+        engine.score_policies = {"paper", "last"}  # one prefill serves every selection policy
+        engine.keep_capture, engine.select_on_join = True, False  # each method selects (and is timed) itself
         timings: dict[str, list[float]] = {m: [] for m in self.methods}
         e2e: dict[str, list[float]] = {m: [] for m in self.methods}
         outputs: dict[str, torch.Tensor] = {}
         stats: dict[str, dict] = {}
         notes: dict[str, str] = {}
-        with torch.inference_mode(), attention_routed(model):
-            t0 = time.perf_counter()
-            run.prefill()
-            prefill_s = time.perf_counter() - t0
-            snap = run.snapshot()
+        t0 = time.perf_counter()
+        engine.prefill()
+        prefill_s = time.perf_counter() - t0
+        snap = engine.snapshot()
         with torch.inference_mode():
             for r in range(self.repeats):
                 order = self.methods[r % len(self.methods):] + self.methods[: r % len(self.methods)]
@@ -157,8 +151,7 @@ class Bench:
                             continue
                         seq, dec, total = res
                     else:
-                        with attention_routed(model):
-                            seq, dec, sel_s, st = self._ours(run, snap, method, point)
+                        seq, dec, sel_s, st = self._ours(engine, group, snap, method, point)
                         total = prefill_s + sel_s + dec
                         stats[method] = st
                     outputs[method] = seq
@@ -178,46 +171,37 @@ class Bench:
         res = time_hf_generate(self.model, ids, mask, self.max_new, name=method, **kwargs)
         return res.sequences, res.decode_s, res.prefill_s + res.decode_s
 
-    def _ours(self, run: _Run, snap: dict, method: str, point: Point):
+    def _ours(self, engine, group, snap: dict, method: str, point: Point):
         model = self.model
         own = [(str(next(model.parameters()).dtype).removeprefix("torch."), model)]
         cfg = StdConfig(budget=point.budget, gamma=point.gamma)
-        drafters, budget, policy, gamma, sparse = own, point.budget, "paper", point.gamma, False
+        weights, policy, gamma, sparse = own, "paper", point.gamma, False
         weights_mb = 0.0
         if method in _PRECISION:
             name, drafter, nbytes = make_drafter(model, _PRECISION[method])
-            drafters, weights_mb = [(name, drafter)], nbytes / 2**20
+            weights, weights_mb = [(name, drafter)], nbytes / 2**20
         if method in ("streaming", "last"):
             policy = method
         elif method == "reselect":
             cfg = replace(cfg, reselect_every=8)
         elif method in _AUTO_DTYPE:
             cfg = replace(cfg, gamma=AUTO, budget=AUTO, draft_dtype=_AUTO_DTYPE[method])
-            gamma = AUTO
-            budget = run.budget = run.auto_budget()
-            run.cfg = cfg
-            run.stats.draft_weights_mb = 0.0
-            drafters = run._drafters(model, next(model.parameters()).dtype)  # as generate() picks them
-            weights_mb = run.stats.draft_weights_mb
+            gamma, weights = AUTO, None  # the drafter weights generate() picks
         elif method == "sparse-only":
             sparse = True
-        run.cfg = replace(cfg, policy=policy)
-        run.drafters, run.drafter = drafters, drafters[0][1]
-        run.budget = budget
-        run.restore(snap)
-        run.stats.budget = budget
-        run.stats.draft_dtype = drafters[-1][0] if drafters is not own else None
+        engine.restore(snap)
+        engine.reconfigure(replace(cfg, policy=policy), weights)
+        if weights is None:
+            weights_mb = engine.stats.draft_weights_mb
         sel_s = 0.0
         if method == "dense":
-            run.decode(gamma=0)
+            engine.decode(gamma=0)
         else:
             t0 = time.perf_counter()
-            run.select(policy, keep_capture=True)
+            engine.select(policy)
             sel_s = time.perf_counter() - t0
-            if method in _AUTO_DTYPE:
-                run.drop_dense_drafter()  # as generate() does for gamma="auto"
-            run.decode(gamma=gamma, sparse_only=sparse)
-        out = run.output()
+            engine.decode(gamma=gamma, sparse_only=sparse)
+        out = engine.output(group)
         st = out.stats.to_dict()
         st["time_selection"] = sel_s
         st["draft_weights_mb"] = weights_mb

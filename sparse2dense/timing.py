@@ -17,10 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from ..attention import attention_routed
-from ..adapters import get_adapter
-from ..config import StdConfig
-from ..engine import _Run, _check_inputs, resolve_special_tokens
+from .config import StdConfig
+from .generation import batch_engine
 
 
 @dataclass
@@ -79,25 +77,19 @@ def compare_methods(model, input_ids, attention_mask, max_new_tokens: int, confi
 
     Returns ``{"std": ..., "dense": ...}`` (keys as in ``order``).
     """
-    adapter = get_adapter(model)
-    input_ids, attention_mask = _check_inputs(input_ids, attention_mask, max_new_tokens, adapter)
-    eos, pad = resolve_special_tokens(model, eos_token_id, pad_token_id)
-    run = _Run(model, adapter, config, input_ids, attention_mask, max_new_tokens, eos, pad, None, None, None,
-               None, model_inputs, progress)
+    engine, group = batch_engine(model, input_ids, attention_mask, max_new_tokens, config, eos_token_id=eos_token_id,
+                                 pad_token_id=pad_token_id, progress=progress, model_inputs=model_inputs)
     results: dict[str, MethodResult] = {}
-    with torch.inference_mode(), attention_routed(model):
-        run.prefill()
-        if bool(run.active.any()):
-            run.maybe_select()
-        snap = run.snapshot()
-        for method in order:
-            run.restore(snap)
-            run.decode(gamma=0 if method == "dense" else config.gamma)
-            out = run.output()
-            steps = out.sequences.shape[1] - input_ids.shape[1] - 1
-            name = "sparse2dense dense loop" if method == "dense" else "sparse2dense StD"
-            results[method] = MethodResult(
-                name, out.sequences, out.stats.time_prefill, out.stats.time_decode, steps,
-                selection_s=out.stats.time_selection if method != "dense" else 0.0, stats=out.stats.to_dict(),
-            )
+    engine.prefill()
+    snap = engine.snapshot()
+    for method in order:
+        engine.restore(snap)
+        engine.decode(gamma=0 if method == "dense" else config.gamma)
+        out = engine.output(group)
+        steps = out.sequences.shape[1] - group.width - 1
+        name = "sparse2dense dense loop" if method == "dense" else "sparse2dense StD"
+        results[method] = MethodResult(
+            name, out.sequences, out.stats.time_prefill, out.stats.time_decode, steps,
+            selection_s=out.stats.time_selection if method != "dense" else 0.0, stats=out.stats.to_dict(),
+        )
     return results
