@@ -194,10 +194,12 @@ class SparseDrafter:
             logits = self.runner.forward(plan, self.cache, tok.unsqueeze(1),
                                          self.runner.adapter.position_ids(positions, offsets), False,
                                          model=self.module)
-            prefix = torch.stack(drafts, dim=1) if drafts else tok.new_zeros(n, 0)
-            scores = chooser.process(logits, prefix, draft_offset=True)
-            picked, probs = chooser.pick(scores, s.n_gen[:n] + i)
-            tok = picked[:, 0]
+            if chooser.plain:
+                tok, probs = logits[:, 0].argmax(dim=-1), None
+            else:
+                prefix = torch.stack(drafts, dim=1) if drafts else tok.new_zeros(n, 0)
+                picked, probs = chooser.pick(chooser.process(logits, prefix, draft_offset=True), s.n_gen[:n] + i)
+                tok = picked[:, 0]
             if probs is not None:
                 q.append(probs[:, 0])
             drafts.append(tok)
