@@ -122,6 +122,8 @@ class BatchRun:
     def reconfigure(self, cfg: StdConfig, weights=None) -> None:
         """Decode the next time with ``cfg`` and drafter ``weights`` ``[(name, module)]`` (default: as
         ``generate`` picks them for ``cfg``); :meth:`select` then builds the selection."""
+        if cfg.max_gamma > self.buffer_gamma:
+            raise ValueError(f"gamma up to {cfg.max_gamma} needs buffers made for it; these fit {self.buffer_gamma}.")
         self.cfg = cfg
         job = self.slots.rows[0][0].prefilled
         budget = self._budget(job.keep, job.candidates, self.budget_batch or self.max_batch)

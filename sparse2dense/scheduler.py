@@ -68,6 +68,7 @@ class Scheduler:
         # generate(): one batch; budget="auto" and draft_dtype="auto" see its size, and the drafter's
         # buffer is the first selection itself (sized to it).
         self.budget_batch = _batch
+        self.buffer_gamma = cfg.max_gamma  # the longest draft the buffers have room for
         capacity = self.max_seq_len + cfg.max_gamma + 2
         self._check_memory(capacity)
         self.runner = Runner(model, a)
@@ -119,11 +120,11 @@ class Scheduler:
     def _make_drafter(self, fits_budget: bool, base: int | None) -> None:
         weights, name, mb = drafter_weights(self.model, self.cfg, self.budget_batch or self.max_batch, fits_budget)
         self.stats.draft_dtype, self.stats.draft_weights_mb = name, mb
-        generated = self.max_new_tokens + self.cfg.max_gamma + 2
+        generated = self.max_new_tokens + self.buffer_gamma + 2
         self.drafter = SparseDrafter(self.runner, self.slots, self.cache, weights, generated, base, self.dense)
 
     def _reset_counters(self) -> None:
-        g = self.cfg.max_gamma
+        g = self.buffer_gamma
         self.accept_at, self.draft_at = [0] * g, [0] * g
         self.row_rounds = self.committed = 0
 
@@ -221,24 +222,31 @@ class Scheduler:
         self._retire()
 
     def _admit(self) -> None:
+        """Prefill waiting requests into the slots after the batch, up to ``prefill_tokens_per_step``
+        prompt tokens while rows decode (a prefill in progress runs to its end when none do)."""
         if self._cancel:
             self._take_cancellations()
-        if self.job is None and self.waiting:
-            group = self.waiting[0]
-            if self.slots.holes() and self._compactable():
-                self._compact()
-            if self.slots.n + group.size > self.slots.size:
-                return  # full: it waits for rows to leave
-            with self._lock:
-                self.waiting.popleft()
-            self.job = self._start_prefill(group, self.slots.n)
-        if self.job is not None:
-            decoding = self._decoding()
-            while not self.job.step(self.prefill_tokens_per_step if decoding else None) and not decoding:
+        left = self.prefill_tokens_per_step
+        while left > 0:
+            if self.job is None:
+                if not self.waiting:
+                    return
+                group = self.waiting[0]
+                if self.slots.holes() and self._compactable():
+                    self._compact()
+                if self.slots.n + group.size > self.slots.size:
+                    return  # full: it waits for rows to leave
+                with self._lock:
+                    self.waiting.popleft()
+                self.job = self._start_prefill(group, self.slots.n)
+            decoding, before = self._decoding(), self.job.done_tokens
+            while not self.job.step(max(left, 128) if decoding else None) and not decoding:
                 pass
-            if self.job.done:
-                job, self.job = self.job, None
-                self._join(job)
+            left -= self.job.done_tokens - before
+            if not self.job.done:
+                return
+            job, self.job = self.job, None
+            self._join(job)
 
     def _start_prefill(self, group, start: int) -> PrefillJob:
         ids, valid = group.input_ids.to(self.device), group.attention_mask.to(self.device).bool()
