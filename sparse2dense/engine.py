@@ -22,7 +22,7 @@ import time
 import torch
 
 from .acceptance import greedy_accept, speculative_sample
-from .adaptive import GammaController, auto_budget, budget_variants
+from .adaptive import GammaController, acceptance_pools, auto_budget, budget_variants
 from .batchrun import BatchRun
 from .config import AUTO
 from .prefill import policy_capture
@@ -121,6 +121,74 @@ class Engine(Scheduler, BatchRun):
     def _controller(self, arms) -> GammaController:
         return GammaController(drafters=tuple(a[0] for a in arms), parents=tuple(a[3] for a in arms),
                                pools=self._acceptance_pools(arms), max_gamma=self.cfg.max_gamma)
+
+    # ------------------------------------------------------------------ planning and recording rounds
+    def _setup(self, gamma) -> None:
+        """Decoding settings: the draft length, or the auto controller and its arms."""
+        self.controller, self.arms = None, []
+        self.drafter.lo = None
+        if gamma == AUTO:
+            self.arms = self._arms()
+            self.controller = self._controller(self.arms)
+            self.stats.gamma_mode = "auto"
+            if not self.drafter.ready:
+                self.controller.speculate = False
+                self.controller.reason = self.no_drafter_reason or "no drafter"
+            gamma = self.cfg.max_gamma
+        elif not self.drafter.ready:
+            gamma = 0
+        self.gamma = self.stats.gamma = gamma
+        a = self.adapter
+        self.drafter.reselect_setup(self.cfg.reselect_every, gamma, a.num_q_heads, a.head_dim)
+
+    def _acceptance_pools(self, arms) -> tuple[int, ...]:
+        return acceptance_pools(arms, [name for name, _ in self.drafter.weights])
+
+    def _plan_round(self) -> tuple[int, int, float | None]:
+        """``(arm, draft length, give-up seconds)`` for the next round."""
+        s, n, ctl = self.slots, self.slots.n, self.controller
+        room = int((s.limit[:n] - s.n_gen[:n])[s.active[:n]].max())
+        if ctl is None:
+            return 0, max(0, min(self.gamma, room - 1)), None  # drafts past the last allowed token are wasted
+        arm, g = ctl.next_round(room)
+        _, self.drafter.module, cands, _ = self.arms[arm]
+        self.drafter.lo = self.drafter.first_column(cands) if g > 0 and cands is not None else None
+        return arm, g, ctl.give_up_after(arm) if g > 1 else None
+
+    def _record(self, arm: int, g: int, draft_s: float, verify_s: float, n_acc: torch.Tensor,
+                appended: torch.Tensor, was_active: torch.Tensor) -> None:
+        """Round statistics: verification outcomes per position, committed tokens per row-round."""
+        s, st = self.slots, self.stats
+        n_batch = s.n
+        accepted = torch.minimum(n_acc, appended)
+        for r in torch.nonzero(was_active).flatten().tolist():
+            group, i = s.rows[r]
+            hs = group.handles[i].stats
+            hs.rounds += 1
+            hs.drafted += g
+            hs.accepted += int(accepted[r])
+            if g:
+                hs.speculation = "on"
+                name = self.arms[arm][0] if self.arms else self.drafter.weights[0][0]
+                hs.drafters[name] = hs.drafters.get(name, 0) + 1
+        n_acc = n_acc[was_active]
+        n_active = int(was_active.sum())
+        st.rounds += 1
+        self.row_rounds += n_active
+        st.drafted += g * n_active
+        st.accepted += int(accepted[was_active].sum())
+        self.committed += int(appended.sum())
+        for i in range(g):
+            self.draft_at[i] += n_active
+            self.accept_at[i] += int((n_acc > i).sum())
+        st.time_draft += draft_s
+        st.time_verify += verify_s
+        if self.controller is not None:
+            self.controller.observe(arm, g, draft_s, verify_s, n_acc.tolist())
+        if self.drafter.reselect_queries is not None:
+            if self.drafter.reselect_round(self.dense, was_active, self.scaling):
+                st.reselections += 1
+        st.round_log.append([n_batch, g, round(draft_s, 6), round(verify_s, 6)])
 
     # ------------------------------------------------------------------ the round
     def _round(self) -> None:

@@ -69,18 +69,15 @@ def generate(
         pad_token_id: fills rows that ended early (default: the model's, else the first EOS, else 0).
         context_mask: bool ``[B, P]``: prompt tokens the drafter may drop (default: the adapter's choice).
         config: a full :class:`StdConfig`; overrides ``budget`` and ``gamma`` when given.
-        logits_processor, stopping_criteria, streamer: as in ``model.generate``.
-        progress: optional callback ``(phase, done, total)`` for progress display.
-        stream_prompt: put the prompt to ``streamer`` first, as ``model.generate`` does.
-        do_sample: sample instead of greedy decoding. Speculative sampling keeps the output
-            distribution exactly that of dense sampling with the same settings.
-        temperature, top_k, top_p, min_p, repetition_penalty: as in ``model.generate``; unset values
-            come from ``model.generation_config`` (transformers' own defaults include ``top_k=50``).
-            Ignored when ``logits_processor`` is given.
-        generator: optional ``torch.Generator`` for sampling; by default the global RNG is used, so
-            ``torch.manual_seed`` makes runs repeat.
-        stop_strings, tokenizer: stop a row as soon as its output contains one of the strings, at
-            exactly the token ``model.generate(stop_strings=..., tokenizer=...)`` stops at.
+        logits_processor, stopping_criteria, streamer: as in ``model.generate``; ``progress``: a
+            callback ``(phase, done, total)``; ``stream_prompt``: put the prompt to ``streamer`` first.
+        do_sample, temperature, top_k, top_p, min_p, repetition_penalty: as in ``model.generate``
+            (unset values come from ``model.generation_config``; ignored with ``logits_processor``).
+            Speculative sampling keeps the output distribution exactly that of dense sampling.
+        generator: a ``torch.Generator`` for sampling (default: the global RNG, so
+            ``torch.manual_seed`` makes runs repeat).
+        stop_strings, tokenizer: stop a row at exactly the token ``model.generate(stop_strings=...,
+            tokenizer=...)`` stops at.
         prompt_position_ids: the prompt's position ids as ``generate`` prepared them (last dim =
             prompt length); by default the adapter computes them.
         **model_inputs: extra model inputs (vision tensors for Video-LLMs).

@@ -44,6 +44,17 @@ def _streamer_from_generate_call(model):
 _PREPARED_BY_GENERATE = ("past_key_values", "logits_to_keep", "use_cache", "cache_position")
 
 
+def _check_unsupported(gc, synced_gpus: bool) -> None:
+    if (gc.num_beams or 1) > 1:
+        raise ValueError("sparse2dense.custom_generate does not support beam search; use num_beams=1.")
+    if gc.output_scores or gc.output_logits or gc.output_attentions or gc.output_hidden_states:
+        raise ValueError(
+            "sparse2dense.custom_generate does not return scores, logits, attentions or hidden states."
+        )
+    if synced_gpus:
+        raise ValueError("sparse2dense.custom_generate does not support synced_gpus.")
+
+
 def custom_generate(
     model,
     input_ids: torch.LongTensor,
@@ -77,14 +88,7 @@ def custom_generate(
     holds the :class:`~sparse2dense.StdStats` of the call.
     """
     gc = generation_config if generation_config is not None else model.generation_config
-    if (gc.num_beams or 1) > 1:
-        raise ValueError("sparse2dense.custom_generate does not support beam search; use num_beams=1.")
-    if gc.output_scores or gc.output_logits or gc.output_attentions or gc.output_hidden_states:
-        raise ValueError(
-            "sparse2dense.custom_generate does not return scores, logits, attentions or hidden states."
-        )
-    if synced_gpus:
-        raise ValueError("sparse2dense.custom_generate does not support synced_gpus.")
+    _check_unsupported(gc, synced_gpus)
     max_new_tokens = int(gc.max_length) - input_ids.shape[1]
     if max_new_tokens < 1:
         raise ValueError(
@@ -96,38 +100,23 @@ def custom_generate(
     # generate() has prepared the prompt's position ids (M-RoPE for the Qwen-VL family, from vision
     # inputs that it may already have replaced by precomputed encoder outputs): use them as they are.
     prompt_position_ids = model_kwargs.pop("position_ids", None)
-
     criteria = None
     if stopping_criteria:
         rest = [c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
         criteria = StoppingCriteriaList(rest) if rest else None
-
     eos = getattr(gc, "_eos_token_tensor", None)
     if eos is None:
         eos = gc.eos_token_id
     pad = getattr(gc, "_pad_token_tensor", None)
     pad = int(pad) if pad is not None else gc.pad_token_id
-
     if streamer is None:
         streamer = _streamer_from_generate_call(model)
     config = std_config if std_config is not None else StdConfig(budget=budget, gamma=gamma, draft_dtype=draft_dtype)
     out = generate(
-        model,
-        input_ids,
-        attention_mask,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos,
-        pad_token_id=pad,
-        context_mask=context_mask,
-        config=config,
-        logits_processor=logits_processor if logits_processor else None,
-        stopping_criteria=criteria,
-        streamer=streamer,
-        stream_prompt=False,  # generate() has already put the prompt
-        prompt_position_ids=prompt_position_ids,
-        do_sample=bool(gc.do_sample),
-        generator=generator,
-        **model_kwargs,
+        model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+        context_mask=context_mask, config=config, logits_processor=logits_processor if logits_processor else None,
+        stopping_criteria=criteria, streamer=streamer, stream_prompt=False,  # generate() has put the prompt
+        prompt_position_ids=prompt_position_ids, do_sample=bool(gc.do_sample), generator=generator, **model_kwargs,
     )
     if gc.return_dict_in_generate:
         result = GenerateDecoderOnlyOutput(sequences=out.sequences)

@@ -28,6 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from .video_decode import _decode_selected
+from .video_frames import VideoError, _av_errors, _check_resolution, _reason, resize_frames
+
 __all__ = ["DEFAULT_NUM_FRAMES", "VideoError", "VideoFrames", "read_video", "resize_frames"]
 
 #: frames sampled (uniformly over the whole video) when neither ``num_frames`` nor ``fps`` is given
@@ -39,13 +42,6 @@ _FALLBACK_FPS = 25.0
 #: FFmpeg decoders that render text files (ANSI art, BinText, XBin, iCEDraw) as pictures; a "video"
 #: stream with one of these is a text file, not a video
 _TEXT_CODECS = frozenset({"ansi", "bintext", "xbin", "idf"})
-
-#: frames per resize chunk in :func:`resize_frames` (bounds the float32 working memory)
-_RESIZE_CHUNK = 16
-
-
-class VideoError(ValueError):
-    """A video file that cannot be read, or arguments that cannot be honoured; the message says which."""
 
 
 @dataclass
@@ -89,21 +85,6 @@ def _import_av() -> Any:
     except ImportError as exc:
         raise VideoError("reading video needs PyAV: pip install av") from exc
     return av
-
-
-def _av_errors(av: Any) -> tuple[type[BaseException], ...]:
-    """Exceptions that PyAV raises for unreadable or corrupt input."""
-    errors: list[type[BaseException]] = [av.error.FFmpegError, OSError, ValueError, EOFError]
-    legacy = getattr(av, "AVError", None)  # older PyAV releases
-    if isinstance(legacy, type) and issubclass(legacy, BaseException):
-        errors.append(legacy)
-    return tuple(errors)
-
-
-def _reason(exc: BaseException) -> str:
-    """A short reason for an exception: FFmpeg's error text without the errno and path decoration."""
-    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return str(text).strip().rstrip(".")
 
 
 def _check_args(
@@ -172,14 +153,6 @@ def _video_stream(av: Any, container: Any, path: str) -> Any:
             f"'{container.format.name}' demuxer): {path}"
         )
     return stream
-
-
-def _check_resolution(width: int, height: int, max_pixels: int, path: str) -> None:
-    if width * height > max_pixels:
-        raise VideoError(
-            f"resolution {width}x{height} exceeds the limit of max_pixels={max_pixels} "
-            f"({width * height} pixels per frame): {path}"
-        )
 
 
 def _source_fps(stream: Any) -> Fraction | None:
@@ -302,102 +275,45 @@ def _select(
     return _uniform(count, n)
 
 
-def _decode_selected(
-    container: Any,
-    stream: Any,
-    av: Any,
-    index: _Index,
-    chosen: list[int],
-    max_pixels: int,
-    deadline: float,
-    timeout_s: float,
-    path: str,
-    warnings: list[str],
-    progress: Any = None,
-) -> tuple[list[np.ndarray], list[float]]:
-    """Second pass: decode the stream in order and keep, for each chosen frame, the first decoded
-    frame at or after it (the chosen frame itself unless corrupt data dropped it)."""
-    targets = [index.keys[i] for i in chosen]
-    base_key = index.keys[0]
-    frames: list[np.ndarray] = []
-    stamps: list[float] = []
-    next_target = 0
-    decoded = 0  # frames the decoder produced so far
-    failures: list[str] = []
-    corrupt = 0
-    reshaped = False
-    timed_out = False
-
-    def take(frame: Any) -> None:
-        nonlocal next_target, corrupt, reshaped
-        if index.by_time:
-            key = frame.pts if frame.pts is not None else index.keys[min(decoded, len(index.keys) - 1)]
-        else:
-            key = decoded
-        if next_target >= len(targets) or key < targets[next_target]:
-            return
-        while next_target < len(targets) and targets[next_target] <= key:
-            next_target += 1
-        _check_resolution(frame.width, frame.height, max_pixels, path)
-        rgb = frame.to_ndarray(format="rgb24")
-        if frames and rgb.shape != frames[0].shape:
-            if not reshaped:
-                warnings.append(
-                    f"the resolution changes inside the video; frames are resized to the first one's "
-                    f"{frames[0].shape[1]}x{frames[0].shape[0]}"
-                )
-                reshaped = True
-            rgb = resize_frames(rgb[None], frames[0].shape[0], frames[0].shape[1])[0]
-        if getattr(frame, "is_corrupt", False):
-            corrupt += 1
-        frames.append(rgb)
-        if progress is not None:
-            progress("decode", len(frames), len(chosen))
-        stamps.append(float((key - base_key) * index.time_base))
-
-    def decode(packet: Any) -> None:
-        nonlocal decoded
+def _first_pass(av: Any, path: str, max_pixels: int, deadline: float, timeout_s: float, warnings: list[str]):
+    """Demux without decoding: ``(frame index, frame count the container reports or None)``."""
+    container = _open(av, path)
+    try:
+        stream = _video_stream(av, container, path)
+        _check_resolution(stream.codec_context.width, stream.codec_context.height, max_pixels, path)
+        total_frames = int(stream.frames) if stream.frames else None
         try:
-            for frame in packet.decode() if packet is not None else stream.codec_context.decode(None):
-                take(frame)
-                decoded += 1
+            index = _demux_index(container, stream, av, deadline, timeout_s, path, warnings)
+        except VideoError:
+            raise
         except _av_errors(av) as exc:
-            if isinstance(exc, VideoError):
-                raise
-            failures.append(_reason(exc))
-
-    packets = container.demux(stream)
-    while next_target < len(targets):
-        if time.monotonic() > deadline:
-            timed_out = True
-            break
-        try:
-            packet = next(packets)
-        except StopIteration:
-            break
-        except _av_errors(av) as exc:
-            failures.append(_reason(exc))
-            decode(None)  # flush the frames the decoder still holds
-            break
-        decode(packet)
-
-    if timed_out:
-        message = f"decoding timed out after decode_timeout_s={timeout_s:g} s"
-        if not frames:
-            raise VideoError(f"{message} before any frame was decoded: {path}")
-        warnings.append(f"{message}; returning the {len(frames)} frames decoded so far")
-    if failures:
+            raise VideoError(f"could not read the video stream ({_reason(exc)}): {path}") from exc
+    finally:
+        container.close()
+    if total_frames is not None and len(index.keys) < total_frames:
         warnings.append(
-            f"{len(failures)} packet(s) could not be decoded, the first with: {failures[0]} "
-            "(truncated or corrupt file?)"
+            f"the container reports {total_frames} frames but only {len(index.keys)} could be read "
+            "(truncated file?)"
         )
-    if corrupt:
-        warnings.append(f"{corrupt} returned frame(s) were decoded from corrupt data and may show artefacts")
-    if not frames:
-        raise VideoError(f"no frame of the video could be decoded: {path}")
-    if len(frames) < len(targets) and not timed_out:
-        warnings.append(f"only {len(frames)} of the {len(targets)} sampled frames could be decoded")
-    return frames, stamps
+    return index, total_frames
+
+
+def _second_pass(av: Any, path: str, index, chosen: list[int], max_pixels: int, deadline: float, timeout_s: float,
+                 warnings: list[str], progress):
+    """Decode the chosen frames: ``(RGB frames, timestamps)``."""
+    container = _open(av, path)
+    try:
+        stream = _video_stream(av, container, path)
+        stream.thread_type = "AUTO"  # decode with frame and slice threads
+        try:
+            return _decode_selected(container, stream, av, index, chosen, max_pixels, deadline, timeout_s, path,
+                                    warnings, progress, clock=lambda: time.monotonic())
+        except VideoError:
+            raise
+        except _av_errors(av) as exc:
+            raise VideoError(f"could not decode the video ({_reason(exc)}): {path}") from exc
+    finally:
+        container.close()
 
 
 def read_video(
@@ -451,43 +367,9 @@ def read_video(
     deadline = time.monotonic() + float(decode_timeout_s)
     warnings: list[str] = []
 
-    container = _open(av, path)
-    try:
-        stream = _video_stream(av, container, path)
-        _check_resolution(stream.codec_context.width, stream.codec_context.height, max_pixels, path)
-        total_frames = int(stream.frames) if stream.frames else None
-        try:
-            index = _demux_index(container, stream, av, deadline, decode_timeout_s, path, warnings)
-        except VideoError:
-            raise
-        except _av_errors(av) as exc:
-            raise VideoError(f"could not read the video stream ({_reason(exc)}): {path}") from exc
-    finally:
-        container.close()
-    if total_frames is not None and len(index.keys) < total_frames:
-        warnings.append(
-            f"the container reports {total_frames} frames but only {len(index.keys)} could be read "
-            "(truncated file?)"
-        )
-
+    index, total_frames = _first_pass(av, path, max_pixels, deadline, decode_timeout_s, warnings)
     chosen = _select(index, num_frames, fps, max_frames, num_frames is not None, warnings)
-
-    container = _open(av, path)
-    try:
-        stream = _video_stream(av, container, path)
-        stream.thread_type = "AUTO"  # decode with frame and slice threads
-        try:
-            frames, stamps = _decode_selected(
-                container, stream, av, index, chosen, max_pixels, deadline, decode_timeout_s, path, warnings,
-                progress,
-            )
-        except VideoError:
-            raise
-        except _av_errors(av) as exc:
-            raise VideoError(f"could not decode the video ({_reason(exc)}): {path}") from exc
-    finally:
-        container.close()
-
+    frames, stamps = _second_pass(av, path, index, chosen, max_pixels, deadline, decode_timeout_s, warnings, progress)
     return VideoFrames(
         frames=np.stack(frames),
         timestamps=stamps,
@@ -497,35 +379,3 @@ def read_video(
         path=path,
         warnings=warnings,
     )
-
-
-def resize_frames(frames: np.ndarray, height: int, width: int, *, mode: str = "bicubic") -> np.ndarray:
-    """Resize ``uint8`` frames ``[T, H, W, 3]`` to ``[T, height, width, 3]``.
-
-    Uses ``torch.nn.functional.interpolate`` on float32 (antialiased when shrinking), rounds and
-    clamps back to ``uint8``. ``mode`` is ``"bicubic"`` or ``"bilinear"``. Frames already at the
-    target size are returned as a copy.
-    """
-    if not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[-1] != 3:
-        shape = getattr(frames, "shape", None)
-        raise VideoError(f"frames must be a numpy array [T, H, W, 3], got shape {shape}")
-    if frames.dtype != np.uint8:
-        raise VideoError(f"frames must be uint8, got {frames.dtype}")
-    for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise VideoError(f"{name} must be an integer >= 1, got {value!r}")
-    if mode not in ("bicubic", "bilinear"):
-        raise VideoError(f"mode must be 'bicubic' or 'bilinear', got {mode!r}")
-    if frames.shape[1:3] == (height, width):
-        return frames.copy()
-
-    import torch  # imported here: keeps importing this module cheap
-    import torch.nn.functional as F
-
-    out = np.empty((frames.shape[0], int(height), int(width), 3), dtype=np.uint8)
-    for start in range(0, frames.shape[0], _RESIZE_CHUNK):
-        chunk = torch.from_numpy(np.ascontiguousarray(frames[start : start + _RESIZE_CHUNK]))
-        x = chunk.permute(0, 3, 1, 2).to(torch.float32)
-        y = F.interpolate(x, size=(int(height), int(width)), mode=mode, align_corners=False, antialias=True)
-        out[start : start + _RESIZE_CHUNK] = y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return out

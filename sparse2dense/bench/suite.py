@@ -34,7 +34,7 @@ import resource
 import statistics
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +46,7 @@ from ..drafter import make_drafter
 from ..generation import batch_engine
 from ..workloads import build_prompts
 from ..timing import time_hf_generate
+from .report import MethodRow, Point, markdown, plots
 
 DENSE_BASELINES = ("hf-dynamic", "hf-static", "dense")
 METHODS = {
@@ -71,37 +72,6 @@ LOSSLESS_STD = ("std", "std-bf16", "std-int8", "std-int4", "streaming", "last", 
 _PRECISION = {"std-bf16": torch.bfloat16, "std-int8": "int8", "std-int4": "int4"}
 # ... and the draft_dtype the gamma="auto" methods pass (the engine then picks as generate() does).
 _AUTO_DTYPE = {"auto": None, "auto-fp32": torch.float32, "auto-bf16": torch.bfloat16}
-
-
-@dataclass
-class Point:
-    """One benchmark setting."""
-
-    batch: int
-    context: int
-    budget: int
-    gamma: int
-
-
-@dataclass
-class MethodRow:
-    """One method at one point (medians over repeats)."""
-
-    method: str
-    decode_ms_per_step: float
-    e2e_s: float
-    tokens_per_s: float
-    speedup: float = float("nan")  # over the fastest dense baseline of the point (decode phase)
-    mean_accepted_per_round: float | None = None
-    acceptance_rate: float | None = None
-    memory_mb: float | None = None  # KV caches (+ drafter weight copy) this method allocates
-    identical: bool | None = None  # output == transformers greedy output
-    differing_tokens: int | None = None  # sparse-only: generated tokens that differ from dense
-    limit: float | None = None  # cost model: speedup at perfect acceptance
-    expected: float | None = None  # cost model: speedup at the measured acceptance
-    fraction_of_expected: float | None = None
-    note: str = ""
-    stats: dict = field(default_factory=dict)
 
 
 def _kv_mb(model, batch: int, tokens: int) -> float:
@@ -280,68 +250,6 @@ def _cost_model(row: MethodRow, dense: MethodRow, fastest_ms: float) -> None:
 
 
 # ---------------------------------------------------------------------------- output
-def markdown(points: list[tuple[Point, list[MethodRow]]], header: str) -> str:
-    lines = [header, "",
-             "| batch x context | budget | gamma | method | ms/step | speedup | tok/round | accept | "
-             "limit | % of expected | memory MB | identical |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    def f(x, fmt):
-        return "" if x is None or x != x else format(x, fmt)
-
-    for p, rows in points:
-        for r in rows:
-            if r.note and r.decode_ms_per_step != r.decode_ms_per_step:
-                lines.append(f"| {p.batch} x {p.context} | {p.budget} | {p.gamma} | {r.method} | n/a ({r.note}) "
-                             "| | | | | | | |")
-                continue
-            ident = "yes" if r.identical else ("NO" if r.identical is False else "")
-            if r.method == "sparse-only":
-                ident = f"lossy: {r.differing_tokens} tokens differ"
-            frac = f(None if r.fraction_of_expected is None else 100 * r.fraction_of_expected, ".0f")
-            lines.append(
-                f"| {p.batch} x {p.context} | {p.budget} | {p.gamma} | {r.method} | {f(r.decode_ms_per_step, '.1f')} "
-                f"| {f(r.speedup, '.2f')}x | {f(r.mean_accepted_per_round, '.2f')} | {f(r.acceptance_rate, '.2f')} "
-                f"| {f(r.limit, '.2f')} | {frac} | {f(r.memory_mb, '.0f')} | {ident} |")
-    return "\n".join(lines)
-
-
-def plots(points: list[tuple[str, Point, list[MethodRow]]], out: Path) -> list[Path]:
-    """One PNG per swept dimension: speedup of each lossless method versus that dimension."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    written = []
-    for sweep in sorted({s for s, _, _ in points if s != "point"}):
-        sel = [(p, rows) for s, p, rows in points if s == sweep]
-        xs = [getattr(p, sweep) for p, _ in sel]
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        methods = [r.method for r in sel[0][1] if r.method not in ("hf-dynamic", "hf-static", "sparse-only")]
-        for m in methods:
-            ys = [next((r.speedup for r in rows if r.method == m), float("nan")) for _, rows in sel]
-            if all(y != y for y in ys):
-                continue
-            ax.plot(xs, ys, marker="o", label=m)
-        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-        ax.set_xlabel({"context": "prompt tokens", "batch": "batch size", "budget": "drafter budget",
-                       "gamma": "gamma (draft tokens per round)"}[sweep])
-        ax.set_ylabel("decode speedup over fastest dense")
-        if sweep in ("batch", "budget", "context"):
-            ax.set_xscale("log", base=2)
-        ax.set_title(f"speedup vs {sweep}")
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        path = out / f"speedup_vs_{sweep}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
