@@ -13,7 +13,7 @@ TORCH  ?= torch==2.13.0
 $(BIN)/sparse2dense: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,serve]"
 	@touch $@
 
 demo: $(BIN)/sparse2dense

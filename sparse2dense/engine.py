@@ -29,6 +29,9 @@ from .prefill import policy_capture
 from .scheduler import Scheduler
 from .selection import build_draft_cache
 
+#: rounds a request-level engine keeps in ``stats.round_log`` (the oldest half goes past it)
+ROUND_LOG_LIMIT = 10_000
+
 __all__ = ["Engine", "auto_budget", "budget_variants", "build_draft_cache", "greedy_accept", "speculative_sample"]
 
 
@@ -189,6 +192,8 @@ class Engine(Scheduler, BatchRun):
             if self.drafter.reselect_round(self.dense, was_active, self.scaling):
                 st.reselections += 1
         st.round_log.append([n_batch, g, round(draft_s, 6), round(verify_s, 6)])
+        if self.budget_batch is None and len(st.round_log) > ROUND_LOG_LIMIT:  # a long-running engine
+            del st.round_log[: ROUND_LOG_LIMIT // 2]
 
     # ------------------------------------------------------------------ the round
     def _round(self) -> None:

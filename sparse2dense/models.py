@@ -136,3 +136,17 @@ def load_model(name: str, gguf_file: str | None = None, dtype: str | torch.dtype
         first = str(exc).strip().splitlines()[0]
         raise ModelLoadError(f"could not load model {name!r}: {first}") from exc
     return model.to(device).eval(), tok
+
+
+def is_vision_model(name: str, gguf_file: str | None = None) -> bool:
+    """Whether ``name`` (hub id or folder; not the demo model or GGUF files) is a supported Video-LLM."""
+    if name == DEMO_MODEL or gguf_file is not None or str(name).endswith(".gguf"):
+        return False
+    from transformers import AutoConfig
+
+    from .adapters import VISION_MODEL_TYPES
+
+    try:
+        return AutoConfig.from_pretrained(name).model_type in VISION_MODEL_TYPES
+    except (OSError, ValueError):
+        return False  # load_model reports the problem

@@ -22,7 +22,7 @@ from .stats import RequestStats
 #: generator for the whole group, as ``generate(do_sample=True)``), ``seeded`` (sampling with a
 #: per-request seed: each new token position has its own noise, see :mod:`sparse2dense.tokens`)
 SAMPLING_MODES = ("greedy", "shared", "seeded")
-FINISH_REASONS = ("stop", "length", "cancelled")
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 _ids = itertools.count(1)
 
@@ -41,8 +41,10 @@ class Handle:
         tokens: the new token ids so far (an EOS that ended the row included, as ``generate`` does).
         done: whether the row has finished.
         finish_reason: ``"stop"`` (EOS, a stop string or a stopping criterion), ``"length"``
-            (``max_new_tokens`` reached) or ``"cancelled"``; None while running.
+            (``max_new_tokens`` reached), ``"cancelled"``, or ``"error"`` (its inputs failed in the
+            model's forward; ``error`` says how, and no other request is affected); None while running.
         stats: :class:`~sparse2dense.stats.RequestStats`.
+        error: the one-sentence reason of an ``"error"`` finish.
     """
 
     prompt_len: int
@@ -51,6 +53,7 @@ class Handle:
     done: bool = False
     finish_reason: str | None = None
     stats: RequestStats = field(default_factory=RequestStats)
+    error: str | None = None
     submitted_at: float = field(default_factory=time.perf_counter)
 
     def __repr__(self) -> str:

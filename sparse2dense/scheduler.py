@@ -149,7 +149,7 @@ class Scheduler:
             logits_processor, stopping_criteria: transformers lists for this request alone.
             stop_strings: stop after one of these strings (needs the engine's ``tokenizer``).
             streamer: a transformers streamer (``put``/``end``); callback: ``callback(handle, new_ids)``
-                after each round that commits tokens.
+                after each round that commits tokens, and once with ``[]`` when the request ends.
             context_mask: bool ``[L]``: prompt tokens the drafter may drop (default: the adapter's).
             **model_inputs: the model's multimodal inputs (pixel values, grids, ...) for this request.
 
@@ -178,6 +178,20 @@ class Scheduler:
         """Stop ``handle``'s request at the next round boundary (``finish_reason="cancelled"``). Thread-safe."""
         with self._lock:
             self._cancel.add(handle.id)
+
+    def abort(self, message: str) -> None:
+        """End every request, waiting or running, with ``finish_reason="error"`` and ``message``."""
+        with self._lock:
+            groups, self.waiting = list(self.waiting), deque()
+        groups += ([self.job.group] if self.job is not None else []) + list(self.groups)
+        self.job, self.groups = None, []
+        for group in groups:
+            for h in group.handles:
+                if not h.done:
+                    h.error = h.error or message
+                    self._close(h, "error", group)
+        self.slots.active.zero_()
+        self.slots.shrink(0)
 
     def pending(self) -> bool:
         """Whether anything is waiting, prefilling or decoding."""
@@ -208,10 +222,10 @@ class Scheduler:
             for group in [g for g in self.waiting if any(h.id in ids for h in g.handles)]:
                 self.waiting.remove(group)
                 for h in group.handles:
-                    self._close(h, "cancelled")
+                    self._close(h, "cancelled", group)
         if self.job is not None and any(h.id in ids for h in self.job.group.handles):
             for h in self.job.group.handles:
-                self._close(h, "cancelled")
+                self._close(h, "cancelled", self.job.group)
             self.job = None
         s = self.slots
         for r in range(s.n):
@@ -239,8 +253,15 @@ class Scheduler:
                     self.waiting.popleft()
                 self.job = self._start_prefill(group, self.slots.n)
             decoding, before = self._decoding(), self.job.done_tokens
-            while not self.job.step(max(left, 128) if decoding else None) and not decoding:
-                pass
+            try:
+                while not self.job.step(max(left, 128) if decoding else None) and not decoding:
+                    pass
+            except (ValueError, RuntimeError, IndexError, TypeError) as exc:
+                if self.budget_batch is not None:
+                    raise  # generate(): the caller's own inputs; let it see the model's error
+                self._fail(self.job.group, exc)  # a request whose inputs the model rejects; the rest go on
+                self.job = None
+                continue
             left -= self.job.done_tokens - before
             if not self.job.done:
                 return
@@ -321,7 +342,7 @@ class Scheduler:
             h.stats.n_candidates, h.stats.n_selected = c, min(n, self.drafter.base)
 
     # ------------------------------------------------------------------ leaving
-    def _close(self, handle: Handle, reason: str | None) -> None:
+    def _close(self, handle: Handle, reason: str | None, group=None) -> None:
         handle.done = True
         handle.finish_reason = handle.finish_reason or reason or "length"
         st = handle.stats
@@ -329,6 +350,15 @@ class Scheduler:
         st.time_total = time.perf_counter() - handle.submitted_at
         st.finish()
         self.chooser.forget(handle.id)
+        if group is not None and group.callback is not None:
+            group.callback(handle, [])  # the end of the request
+
+    def _fail(self, group, exc: BaseException) -> None:
+        """A request whose prefill raised: it ends with ``finish_reason="error"``; nothing else changes."""
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        for h in group.handles:
+            h.error = f"the model could not run this request's inputs: {message}"
+            self._close(h, "error", group)
 
     def _retire(self, compact: bool = True) -> None:
         """Finish the handles of rows that stopped; compact the batch once enough have."""
@@ -340,7 +370,7 @@ class Scheduler:
                 continue
             group, i = s.rows[r]
             if not group.handles[i].done:
-                self._close(group.handles[i], None)
+                self._close(group.handles[i], None, group)
                 if group.done and group.streamer is not None:
                     group.streamer.end()
         self.groups = [g for g in self.groups if not g.done]

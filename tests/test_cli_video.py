@@ -76,6 +76,11 @@ def assert_parity_both_ways(model, inputs, budgets_gammas, max_new_tokens=16):
 
 @pytest.fixture(scope="module")
 def tiny_qwen2vl_dir(tmp_path_factory):
+    return make_tiny_qwen2vl(tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+def make_tiny_qwen2vl(folder):
+    """A tiny random Qwen2VLForConditionalGeneration with the real SmolLM2 tokenizer, saved in ``folder``."""
     from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     from sparse2dense.models import cache_dir, load_demo_model
@@ -96,7 +101,6 @@ def tiny_qwen2vl_dir(tmp_path_factory):
         vision_start_token_id=ids[0], vision_end_token_id=ids[1], video_token_id=ids[2], image_token_id=ids[3],
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
     model = Qwen2VLForConditionalGeneration(cfg).eval()
-    folder = tmp_path_factory.mktemp("tiny-qwen2-vl")
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 32 * 32, "max_pixels": 64 * 48}))

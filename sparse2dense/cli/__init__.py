@@ -1,4 +1,4 @@
-"""Command line: ``sparse2dense demo``, ``bench`` and ``generate``.
+"""Command line: ``sparse2dense demo``, ``bench``, ``generate`` and ``serve``.
 
 Every mistake a user can make (a missing file, a bad parameter, a prompt longer than the model's
 context, an unsupported model) ends with one ``sparse2dense: error: ...`` line and exit status 2.
@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench_cmd, demo_cmd, generate_cmd
+from . import bench_cmd, demo_cmd, generate_cmd, serve_cmd
 from .common import EXIT_USER_ERROR, UserError
 
-COMMANDS = {"demo": demo_cmd, "bench": bench_cmd, "generate": generate_cmd}
+COMMANDS = {"demo": demo_cmd, "bench": bench_cmd, "generate": generate_cmd, "serve": serve_cmd}
 
 
 def build_parser() -> argparse.ArgumentParser:

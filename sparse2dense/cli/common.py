@@ -81,10 +81,12 @@ def _or_auto(parse):
     return wrapped
 
 
-def _add_std_args(p: argparse.ArgumentParser, gamma_default: int, draft_default: str | None = None) -> None:
+def _add_std_args(p: argparse.ArgumentParser, gamma_default, draft_default: str | None = None,
+                  budget_default="1024") -> None:
     g = p.add_argument_group("Sparse-to-Dense settings")
-    g.add_argument("--budget", type=_or_auto(_positive("--budget")), default=1024,
-                   help="prompt KV entries per layer and KV head that the drafter reads, or 'auto' (default: 1024)")
+    g.add_argument("--budget", type=_or_auto(_positive("--budget")), default=_or_auto(int)(str(budget_default)),
+                   help="prompt KV entries per layer and KV head that the drafter reads, or 'auto' "
+                        f"(default: {budget_default})")
     g.add_argument("--gamma", type=_or_auto(_non_negative("--gamma")), default=gamma_default,
                    help=f"draft tokens per round; 0 = plain dense decoding; 'auto' = chosen each round from "
                         f"measured costs, dense when speculation cannot pay (default: {gamma_default})")
