@@ -66,6 +66,9 @@ class Engine(Scheduler, BatchRun):
         tokenizer: needed for ``stop_strings``.
         prefill_tokens_per_step: prompt tokens a joining request prefills between two rounds while
             other rows decode (text models; a Video-LLM prompt is prefilled in one pass).
+        speculate_while_prefilling: with ``gamma="auto"``, rounds that share a step with a prefill
+            chunk are dense unless this is True (a costlier round would delay the joining
+            request's first token and the queue behind it; measured in ``docs/serve.md``).
 
     Raises ``ValueError`` for a model or setting it cannot run, and
     :class:`~sparse2dense.requests.AdmissionError` from :meth:`submit` for a request that can
@@ -153,6 +156,11 @@ class Engine(Scheduler, BatchRun):
         room = int((s.limit[:n] - s.n_gen[:n])[s.active[:n]].max())
         if ctl is None:
             return 0, max(0, min(self.gamma, room - 1)), None  # drafts past the last allowed token are wasted
+        if self.job is not None and not self.speculate_while_prefilling:
+            # A prompt is being prefilled a chunk per step: a costlier round would delay its first
+            # token (and the queue behind it) more than its extra tokens gain, so rounds stay dense
+            # until admission is done. Their costs still teach the controller the dense step.
+            return 0, 0, None
         arm, g = ctl.next_round(room)
         _, self.drafter.module, cands, _ = self.arms[arm]
         self.drafter.lo = self.drafter.first_column(cands) if g > 0 and cands is not None else None

@@ -51,7 +51,7 @@ class Scheduler:
     def __init__(self, model, *, max_batch: int = 8, budget: int | str = 1024, gamma: int | str = 9,
                  draft_dtype=None, config: StdConfig | None = None, max_seq_len: int | None = None,
                  max_new_tokens: int | None = None, tokenizer=None, prefill_tokens_per_step: int = 512,
-                 _batch: int | None = None):
+                 speculate_while_prefilling: bool = False, _batch: int | None = None):
         cfg = config if config is not None else StdConfig(budget=budget, gamma=gamma, draft_dtype=draft_dtype)
         self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
         self.adapter = a = get_adapter(model)
@@ -64,6 +64,7 @@ class Scheduler:
             raise ValueError(f"max_seq_len={self.max_seq_len} exceeds the model's context of {limit} tokens.")
         self.max_new_tokens = min(_positive("max_new_tokens", max_new_tokens or self.max_seq_len), self.max_seq_len)
         self.prefill_tokens_per_step = _positive("prefill_tokens_per_step", prefill_tokens_per_step)
+        self.speculate_while_prefilling = bool(speculate_while_prefilling)
         # generate(): one batch; budget="auto" and draft_dtype="auto" see its size, and the drafter's
         # buffer is the first selection itself (sized to it).
         self.budget_batch = _batch
