@@ -27,24 +27,30 @@ def documentation_text() -> str:
     return "\n\n".join(topics[key].strip() for key in sorted(topics))
 
 
-def build_prompts(tokenizer, batch: int, context_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded chat prompts: row ``i`` holds a different slice of the docs and question ``i``.
+def chat_prompts(tokenizer, n: int, context_tokens: int) -> list[list[int]]:
+    """``n`` chat prompts as token ids: prompt ``i`` holds a different slice of the docs and question ``i``.
 
-    Rows get slightly different lengths (row i's slice is ``context_tokens - 97 * i`` tokens) so a
-    batch exercises left padding.
+    Prompt i's slice is ``context_tokens - 97 * i`` tokens, so prompts differ slightly in length.
+    """
+    doc = tokenizer(documentation_text(), add_special_tokens=False).input_ids
+    rows = []
+    for i in range(n):
+        size = max(64, context_tokens - 97 * i)
+        start = (i * 9973) % max(1, len(doc) - size)
+        context = tokenizer.decode(doc[start : start + size])
+        messages = [{"role": "user", "content": f"{context}\n\n{QUESTIONS[i % len(QUESTIONS)]}"}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        rows.append(list(ids))
+    return rows
+
+
+def build_prompts(tokenizer, batch: int, context_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded :func:`chat_prompts` (so a batch exercises left padding).
 
     Returns:
         ``(input_ids, attention_mask)``, each ``[batch, prompt_len]``.
     """
-    doc = tokenizer(documentation_text(), add_special_tokens=False).input_ids
-    rows = []
-    for i in range(batch):
-        n = max(64, context_tokens - 97 * i)
-        start = (i * 9973) % max(1, len(doc) - n)
-        context = tokenizer.decode(doc[start : start + n])
-        messages = [{"role": "user", "content": f"{context}\n\n{QUESTIONS[i % len(QUESTIONS)]}"}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
-        rows.append(list(ids))
+    rows = chat_prompts(tokenizer, batch, context_tokens)
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((batch, width), pad, dtype=torch.long)
