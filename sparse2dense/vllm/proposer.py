@@ -109,7 +109,8 @@ class StDProposer:
             s = self.settings
             max_seqs = self.vllm_config.scheduler_config.max_num_seqs
             per_row = -(-(s.budget + s.max_generated + self.gamma + 1) // bs)
-            blocks = -(-s.pool_tokens // bs) if s.pool_tokens else max_seqs * per_row
+            # At most a quarter of vLLM's own cache by default: the pool must never rival it.
+            blocks = -(-s.pool_tokens // bs) if s.pool_tokens else min(max_seqs * per_row, kv.shape[0] // 4)
             self.pool = DraftPool(len(self.layers), blocks, hk, bs, d2 // 2, kv.dtype)
             log.info("StD draft pool: %d blocks of %d entries (%.0f MiB)", blocks, bs,
                      sum(t.numel() * t.element_size() for t in self.pool.kv) / 2**20)

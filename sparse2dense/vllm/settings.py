@@ -26,7 +26,8 @@ class DraftSettings:
         max_generated: generated tokens a request's draft cache holds; past it the request decodes
             without drafts.
         pool_tokens: draft-cache entries for all running requests together (0: room for
-            ``max_num_seqs`` requests of ``budget + max_generated`` entries).
+            ``max_num_seqs`` requests of ``budget + max_generated`` entries, but at most a quarter
+            of vLLM's own KV cache).
     """
 
     budget: int = 1024
